@@ -1,0 +1,1 @@
+"""Train and use one face-mask status classifier (18 classes). Knows nothing of Optuna."""
