@@ -35,13 +35,19 @@ def undecodable(paths: Iterable[str], workers: int = 4, progress: bool = True) -
         return None
 
     with ThreadPoolExecutor(workers) as pool:
-        found = tqdm(pool.map(problem, paths), total=len(paths), desc="decode", unit="img",
-                     disable=not progress)
+        found = tqdm(
+            pool.map(problem, paths), total=len(paths), desc="decode", unit="img", disable=not progress
+        )
         return [p for p in found if p]
 
 
-def check(root: str, corrections: str | None = None, cutoffs: AgeCutoffs = AgeCutoffs(),
-          decode: bool = True, progress: bool = True) -> pd.DataFrame:
+def check(
+    root: str,
+    corrections: str | None = None,
+    cutoffs: AgeCutoffs = AgeCutoffs(),
+    decode: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
     """The training table, or DataError carrying every problem (layout and decoding)."""
     found = read_layout(root, corrections, cutoffs)
     problems = list(found.problems)

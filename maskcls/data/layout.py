@@ -130,8 +130,10 @@ def _read_train(train_dir: Path, problems: list[str]) -> pd.DataFrame | None:
             problems.append(f"{where}: folder name does not parse as <id>_<gender>_<race>_<age>")
             continue
         if parsed != (person.id, person.gender, person.race, person.age):
-            problems.append(f"{where}: row values {person.id},{person.gender},{person.race},"
-                            f"{person.age} disagree with the folder name")
+            problems.append(
+                f"{where}: row values {person.id},{person.gender},{person.race},"
+                f"{person.age} disagree with the folder name"
+            )
             continue
         if person.gender not in GENDERS:
             problems.append(f"{where}: unknown gender {person.gender!r} (expected {sorted(GENDERS)})")
@@ -144,11 +146,17 @@ def _read_train(train_dir: Path, problems: list[str]) -> pd.DataFrame | None:
             problems.append(f"{where}: no folder {images_dir / person.path}")
             continue
         for stem, path in _person_images(folder, problems).items():
-            rows.append({
-                "path": str(path), "person": person.id, "gender": int(GENDERS[person.gender]),
-                "race": person.race, "age": int(person.age), "mask": int(MASK_STEMS[stem]),
-                "stem": stem,
-            })
+            rows.append(
+                {
+                    "path": str(path),
+                    "person": person.id,
+                    "gender": int(GENDERS[person.gender]),
+                    "race": person.race,
+                    "age": int(person.age),
+                    "mask": int(MASK_STEMS[stem]),
+                    "stem": stem,
+                }
+            )
     return pd.DataFrame(rows, columns=["path", "person", "gender", "race", "age", "mask", "stem"])
 
 
@@ -159,15 +167,17 @@ def _person_images(folder: Path, problems: list[str]) -> dict[str, Path]:
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.stem in MASK_STEMS:
             by_stem.setdefault(path.stem, []).append(path)
         else:
-            problems.append(f"{path}: unexpected file (expected {sorted(MASK_STEMS)} "
-                            f"with one of {list(IMAGE_SUFFIXES)})")
+            problems.append(
+                f"{path}: unexpected file (expected {sorted(MASK_STEMS)} with one of {list(IMAGE_SUFFIXES)})"
+            )
     for stem in MASK_STEMS:
         found = by_stem.get(stem, [])
         if not found:
             problems.append(f"{folder}: missing image {stem!r}")
         elif len(found) > 1:
-            problems.append(f"{folder}: image {stem!r} appears {len(found)} times "
-                            f"({', '.join(p.name for p in found)})")
+            problems.append(
+                f"{folder}: image {stem!r} appears {len(found)} times ({', '.join(p.name for p in found)})"
+            )
     return {stem: paths[0] for stem, paths in sorted(by_stem.items()) if len(paths) == 1}
 
 
@@ -183,10 +193,12 @@ def _read_eval(eval_dir: Path, problems: list[str]) -> pd.DataFrame | None:
     for image_id in table["ImageID"]:
         if image_id not in present:
             problems.append(f"{images_dir / image_id}: listed in info.csv but missing")
-    return pd.DataFrame({
-        "ImageID": table["ImageID"],
-        "path": [str(images_dir / i) for i in table["ImageID"]],
-    })
+    return pd.DataFrame(
+        {
+            "ImageID": table["ImageID"],
+            "path": [str(images_dir / i) for i in table["ImageID"]],
+        }
+    )
 
 
 def _apply_corrections(train: pd.DataFrame, path: Path, problems: list[str]) -> pd.DataFrame:
@@ -214,7 +226,9 @@ def _apply_corrections(train: pd.DataFrame, path: Path, problems: list[str]) -> 
         elif fix.field in MASK_STEMS and fix.value in MASK_VALUES:
             train.loc[rows & (train["stem"] == fix.field), "mask"] = int(MASK_VALUES[fix.value])
         elif fix.field not in CORRECTION_FIELDS:
-            problems.append(f"{where}: unknown field {fix.field!r} (expected one of {list(CORRECTION_FIELDS)})")
+            problems.append(
+                f"{where}: unknown field {fix.field!r} (expected one of {list(CORRECTION_FIELDS)})"
+            )
         else:
             problems.append(f"{where}: invalid value {fix.value!r} for field {fix.field!r}")
     return train

@@ -36,17 +36,21 @@ def _rows(images: pd.DataFrame, train_people, val_people) -> Split:
     return Split(np.flatnonzero(np.isin(person, train_people)), np.flatnonzero(np.isin(person, val_people)))
 
 
-def holdout(images: pd.DataFrame, val_ratio: float = 0.2, seed: int = 0,
-            stratify: tuple[str, ...] = STRATIFY) -> Split:
+def holdout(
+    images: pd.DataFrame, val_ratio: float = 0.2, seed: int = 0, stratify: tuple[str, ...] = STRATIFY
+) -> Split:
     if not 0 < val_ratio < 1:
         raise ValueError(f"val_ratio must be in (0, 1), got {val_ratio}")
     people, strata = _people(images, stratify, min_count=2)
-    train_people, val_people = train_test_split(people, test_size=val_ratio, random_state=seed,
-                                                stratify=strata)
+    train_people, val_people = train_test_split(
+        people, test_size=val_ratio, random_state=seed, stratify=strata
+    )
     return _rows(images, train_people, val_people)
 
 
-def kfold(images: pd.DataFrame, k: int = 5, seed: int = 0, stratify: tuple[str, ...] = STRATIFY) -> list[Split]:
+def kfold(
+    images: pd.DataFrame, k: int = 5, seed: int = 0, stratify: tuple[str, ...] = STRATIFY
+) -> list[Split]:
     if k < 2:
         raise ValueError(f"k must be at least 2, got {k}")
     people, strata = _people(images, stratify, min_count=k)

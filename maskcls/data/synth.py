@@ -45,8 +45,11 @@ SKIN = np.array([[255, 224, 196], [241, 194, 158], [224, 172, 135], [198, 145, 1
 HAIR = np.array([[25, 20, 18], [60, 40, 25], [105, 70, 40], [160, 120, 70], [200, 170, 110]])
 GREY = np.array([200, 200, 205])
 MASK_STYLES = (  # (colour, pattern) for mask1..mask5
-    ((235, 238, 240), "pleats"), ((40, 40, 45), "plain"), ((120, 170, 220), "pleats"),
-    ((200, 80, 90), "stripes"), ((245, 245, 235), "beak"),
+    ((235, 238, 240), "pleats"),
+    ((40, 40, 45), "plain"),
+    ((120, 170, 220), "pleats"),
+    ((200, 80, 90), "stripes"),
+    ((245, 245, 235), "beak"),
 )
 
 
@@ -127,8 +130,10 @@ def _render(traits: dict, mask: Mask, style: int, opts: Options, rng: np.random.
         y = -0.62 + 0.07 * (i % 4)
         x = -0.45 if i < 4 else 0.35
         draw.line(box(x - 0.2 * (i >= 4), y, x + 0.35, y + rng.normal(0, 0.02)), fill=wrinkle, width=1)
-    draw.polygon([tuple(box(0, -0.2, 0, 0)[:2]), tuple(box(-0.1, 0.12, 0, 0)[:2]),
-                  tuple(box(0.1, 0.12, 0, 0)[:2])], fill=wrinkle)  # nose
+    draw.polygon(
+        [tuple(box(0, -0.2, 0, 0)[:2]), tuple(box(-0.1, 0.12, 0, 0)[:2]), tuple(box(0.1, 0.12, 0, 0)[:2])],
+        fill=wrinkle,
+    )  # nose
     draw.ellipse(box(-0.3, 0.33, 0.3, 0.48), fill=traits["lips"])
 
     if mask != Mask.NOT_WEAR:
@@ -141,21 +146,32 @@ def _render(traits: dict, mask: Mask, style: int, opts: Options, rng: np.random.
             y0, y1 = 0.55, 1.05
         outline = box(-0.95, y0, 0.95, y1)
         if pattern == "beak":
-            draw.polygon([(outline[0], outline[1] + 10), ((outline[0] + outline[2]) / 2, outline[1]),
-                          (outline[2], outline[1] + 10), (outline[2], outline[3] - 15),
-                          ((outline[0] + outline[2]) / 2, outline[3]), (outline[0], outline[3] - 15)],
-                         fill=colour)
+            draw.polygon(
+                [
+                    (outline[0], outline[1] + 10),
+                    ((outline[0] + outline[2]) / 2, outline[1]),
+                    (outline[2], outline[1] + 10),
+                    (outline[2], outline[3] - 15),
+                    ((outline[0] + outline[2]) / 2, outline[3]),
+                    (outline[0], outline[3] - 15),
+                ],
+                fill=colour,
+            )
         else:
             draw.rounded_rectangle(outline, radius=int(fw * 0.15), fill=colour)
         shade = tuple(int(c * 0.75) for c in colour)
         if pattern in ("pleats", "stripes"):
             for k in range(1, 4):
                 y = outline[1] + k * (outline[3] - outline[1]) / 4
-                draw.line([outline[0] + 4, y, outline[2] - 4, y], fill=shade,
-                          width=1 if pattern == "pleats" else 4)
+                draw.line(
+                    [outline[0] + 4, y, outline[2] - 4, y], fill=shade, width=1 if pattern == "pleats" else 4
+                )
         for side in (0, 2):  # ear loops
-            draw.line([outline[side], outline[1] + 6, cx + (side - 1) * fw * 1.1, cy - 0.2 * fh],
-                      fill=shade, width=2)
+            draw.line(
+                [outline[side], outline[1] + 6, cx + (side - 1) * fw * 1.1, cy - 0.2 * fh],
+                fill=shade,
+                width=2,
+            )
 
     img = img.rotate(float(rng.normal(0, 6)), resample=Image.BILINEAR, fillcolor=tuple(int(c) for c in top))
     if rng.random() < 0.5:
@@ -230,9 +246,15 @@ def _eval_job(args: tuple[int, int, Options, str]) -> list[tuple[str, int]]:
     return rows
 
 
-def generate(out: str | Path, people: int = 2700, eval_people: int = 1800, seed: int = 0,
-             size: tuple[int, int] = (384, 512), workers: int | None = None,
-             progress: bool = True) -> Path:
+def generate(
+    out: str | Path,
+    people: int = 2700,
+    eval_people: int = 1800,
+    seed: int = 0,
+    size: tuple[int, int] = (384, 512),
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Write the stand-in data set to `out` atomically (built beside it, then renamed)."""
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
@@ -255,12 +277,17 @@ def generate(out: str | Path, people: int = 2700, eval_people: int = 1800, seed:
                 train_rows.append(row)
                 bar.update()
             eval_rows = []
-            for rows in pool.map(_eval_job, [(seed, i, opts, str(tmp)) for i in range(eval_people)], chunksize=8):
+            for rows in pool.map(
+                _eval_job, [(seed, i, opts, str(tmp)) for i in range(eval_people)], chunksize=8
+            ):
                 eval_rows.extend(rows)
                 bar.update()
         bar.close()
-        _write_csv(tmp / "train" / "train.csv", ["id", "gender", "race", "age", "path"],
-                   [[r[k] for k in ("id", "gender", "race", "age", "path")] for r in train_rows])
+        _write_csv(
+            tmp / "train" / "train.csv",
+            ["id", "gender", "race", "age", "path"],
+            [[r[k] for k in ("id", "gender", "race", "age", "path")] for r in train_rows],
+        )
         if eval_people:
             order = np.random.default_rng([seed, 2]).permutation(len(eval_rows))
             shuffled = [eval_rows[i] for i in order]
@@ -284,7 +311,9 @@ def _size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 384x512 (width x height), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"size must look like 384x512 (width x height), got {text!r}"
+        ) from None
     if w < 16 or h < 16:
         raise argparse.ArgumentTypeError(f"size must be at least 16x16, got {text!r}")
     return w, h
@@ -294,10 +323,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m maskcls.data.synth",
         description="Write a synthetic stand-in for the mask-status competition data, in its exact "
-                    "layout, plus eval/gt.csv with the true eval classes.")
+        "layout, plus eval/gt.csv with the true eval classes.",
+    )
     parser.add_argument("out", help="folder to create (must not exist or be empty)")
-    parser.add_argument("--people", type=int, default=2700, help="training people, 7 images each (default 2700)")
-    parser.add_argument("--eval-people", type=int, default=1800, help="eval people, 7 images each (default 1800)")
+    parser.add_argument(
+        "--people", type=int, default=2700, help="training people, 7 images each (default 2700)"
+    )
+    parser.add_argument(
+        "--eval-people", type=int, default=1800, help="eval people, 7 images each (default 1800)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="same seed and arguments give identical bytes")
     parser.add_argument("--size", type=_size, default=(384, 512), help="image WIDTHxHEIGHT (default 384x512)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
