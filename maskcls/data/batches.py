@@ -1,0 +1,112 @@
+"""Keep the data where the model is.
+
+A trial moves the cached uint8 images it needs to the training device once; an epoch is a
+tensor of row indices (sampling is index arithmetic), and batches are built by indexing and
+augmented on the device. The albumentations backend reads the same cache in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from maskcls.config import SamplerConfig
+from maskcls.data.augment import POLICIES, albumentations_transform, device_augment
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(labels, minlength=num_classes)
+
+
+def epoch_indices(labels: np.ndarray, cfg: SamplerConfig, gen: torch.Generator) -> torch.Tensor:
+    """Positions into `labels` for one epoch, drawn the way the sampler config says.
+
+    weighted: N draws with replacement, weight of a sample = (its class frequency) ** -power,
+              so power 1 balances the classes and power 0 is plain shuffling.
+    oversample: every class smaller than ratio x the largest is repeated up to that size.
+    """
+    n = len(labels)
+    if cfg.name == "none":
+        return torch.randperm(n, generator=gen)
+    counts = np.bincount(labels)
+    if cfg.name == "weighted":
+        weights = torch.as_tensor(counts[labels].astype(np.float64) ** -cfg.power)
+        return torch.multinomial(weights, n, replacement=True, generator=gen)
+    target = int(np.ceil(cfg.ratio * counts.max()))
+    parts = [torch.arange(n)]
+    for cls in np.flatnonzero((counts > 0) & (counts < target)):
+        members = torch.as_tensor(np.flatnonzero(labels == cls))
+        extra = target - len(members)
+        draws = torch.cat(
+            [torch.randperm(len(members), generator=gen) for _ in range(extra // len(members) + 1)]
+        )
+        parts.append(members[draws[:extra]])
+    everything = torch.cat(parts)
+    return everything[torch.randperm(len(everything), generator=gen)]
+
+
+class DeviceImages:
+    """uint8 images [N, H, W, 3] resident on the device; batches come out float [B, 3, H, W] in [0, 1]."""
+
+    def __init__(self, images: np.ndarray, device: torch.device, channels_last: bool = False):
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        return to_float(self.images[rows.to(self.images.device)], self.channels_last)
+
+
+def to_float(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    x = batch.permute(0, 3, 1, 2).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class _Albumented(Dataset):
+    """Rows of the memory-mapped cache, augmented per image: DataLoader workers share the page cache."""
+
+    def __init__(self, cache: np.ndarray, rows: np.ndarray, policy_name: str):
+        self.cache, self.rows = cache, rows
+        self.transform = albumentations_transform(POLICIES[policy_name])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = np.asarray(self.cache[self.rows[i]])
+        return torch.from_numpy(np.ascontiguousarray(self.transform(image=image)["image"]))
+
+
+def device_batches(
+    images: DeviceImages, order: torch.Tensor, batch_size: int, policy: str, gen: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(augmented float batch, its positions) for one epoch: indexing and augmenting on the device."""
+    for positions in order.split(batch_size):
+        yield device_augment(images.take(positions), POLICIES[policy], gen), positions
+
+
+def albumentations_batches(
+    cache: np.ndarray,
+    rows: np.ndarray,
+    order: torch.Tensor,
+    batch_size: int,
+    policy: str,
+    workers: int,
+    device: torch.device,
+    channels_last: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same contract, with per-image albumentations transforms in DataLoader workers."""
+    chunks = list(order.split(batch_size))
+    loader = DataLoader(
+        _Albumented(cache, rows, policy),
+        batch_sampler=[c.tolist() for c in chunks],
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    for positions, batch in zip(chunks, loader, strict=True):
+        yield to_float(batch.to(device, non_blocking=True), channels_last), positions

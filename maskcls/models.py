@@ -1,0 +1,64 @@
+"""A timm backbone with one of two heads.
+
+single: one 18-way linear layer.
+multi:  mask (3), gender (2) and age (3) heads whose log-probabilities are summed into the
+        18 class log-probabilities (class = mask * 6 + gender * 3 + age_band), so each head
+        learns from every image of its attribute, which helps the tiny 60+ band.
+Both return log-probabilities-compatible scores: losses apply log_softmax, which leaves the
+multi head's already-normalised output unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maskcls.config import ModelConfig
+from maskcls.errors import ConfigError
+from maskcls.labels import NUM_CLASSES
+
+HEAD_SIZES = {"single": (NUM_CLASSES,), "multi": (3, 2, 3)}
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, head: str, dropout: float, dropout_samples: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head_kind = head
+        self.dropout = nn.Dropout(dropout)
+        self.dropout_samples = dropout_samples
+        # Models with a pre-logits layer (MobileNetV3, EfficientNet-V2...) pool to head_hidden_size.
+        width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        self.heads = nn.ModuleList(nn.Linear(width, k) for k in HEAD_SIZES[head])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(x)
+        samples = self.dropout_samples if self.training and self.dropout.p > 0 else 1
+        outputs = [self._head(self.dropout(features)) for _ in range(samples)]
+        return outputs[0] if samples == 1 else torch.stack(outputs).mean(0)
+
+    def _head(self, features: torch.Tensor) -> torch.Tensor:
+        if self.head_kind == "single":
+            return self.heads[0](features)
+        mask, gender, age = (F.log_softmax(h(features).float(), dim=1) for h in self.heads)
+        joint = mask[:, :, None, None] + gender[:, None, :, None] + age[:, None, None, :]
+        return joint.flatten(1)
+
+
+def build(cfg: ModelConfig) -> Classifier:
+    """Random initialisation unless `pretrained` names a local weights file (no downloads)."""
+    if cfg.name not in timm.list_models():
+        close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]
+        raise ConfigError(f"model.name: unknown timm model {cfg.name!r}; similar names: {', '.join(close)}")
+    options = {}
+    if cfg.pretrained:
+        path = Path(cfg.pretrained).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.pretrained: weights file {path} not found")
+        options = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    backbone = timm.create_model(cfg.name, num_classes=0, **options)
+    return Classifier(backbone, cfg.head, cfg.dropout, cfg.dropout_samples)

@@ -1,0 +1,373 @@
+"""Train one model from a TrainConfig: `python -m maskcls.train --data DIR --out DIR [--set k=v ...]`.
+
+`fit` is the whole training loop, readable top to bottom. It reports validation macro-F1 after
+every epoch through `on_epoch`, which may stop the run by raising (the search prunes this way),
+and returns the best-F1 weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from maskcls import losses, models
+from maskcls.cli import run_main
+from maskcls.config import TrainConfig, load, parse_overrides
+from maskcls.data import cache
+from maskcls.data.augment import mix, normalize
+from maskcls.data.batches import DeviceImages, albumentations_batches, device_batches, epoch_indices
+from maskcls.data.layout import scan
+from maskcls.data.split import holdout, kfold
+from maskcls.errors import UserError
+from maskcls.labels import NUM_CLASSES, AgeCutoffs
+from maskcls.metrics import macro_f1, per_class_f1
+from maskcls.optim import build_optimizer, build_schedule
+
+OnEpoch = Callable[[int, dict], None]
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite; the message says when and what to change."""
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The images table, its decoded cache (rows aligned) and the person-level split."""
+
+    table: pd.DataFrame
+    images: np.ndarray  # uint8 [N, H, W, 3], memory-mapped
+    train_rows: np.ndarray
+    val_rows: np.ndarray  # empty when retraining on everyone
+
+    def everyone(self) -> TrainData:
+        return TrainData(self.table, self.images, np.arange(len(self.table)), np.array([], dtype=int))
+
+
+@dataclass
+class FitResult:
+    model: models.Classifier  # best weights loaded, in eval mode
+    best_epoch: int
+    best_val_macro_f1: float | None  # None without validation people
+    history: list[dict]
+    val_probs: np.ndarray | None  # [n_val, 18] at the best epoch
+    stop_reason: str
+    images_per_s: float
+    wall_s: float
+
+
+def load_data(cfg: TrainConfig, progress: bool = True) -> TrainData:
+    """Scan the layout, split by person and decode the images once into the shared cache."""
+    d = cfg.data
+    table = scan(d.root, d.corrections, AgeCutoffs(d.young_age, d.old_age))
+    split = (
+        kfold(table, d.folds, d.seed)[d.fold] if d.fold is not None else holdout(table, d.val_ratio, d.seed)
+    )
+    images = cache.build(list(table["path"]), d.image_size, d.cache_dir, d.center_crop, progress=progress)
+    return TrainData(table, images, split.train, split.val)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA where supported (fp16 otherwise); full precision on the CPU."""
+    if device.type != "cuda" or not cfg.train.amp:
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
+
+
+@torch.no_grad()
+def infer(
+    model: torch.nn.Module,
+    images: DeviceImages,
+    batch_size: int,
+    amp=contextlib.nullcontext,
+    tta: bool = False,
+) -> np.ndarray:
+    """Class probabilities [N, 18]; with `tta`, the mean over the image and its mirror."""
+    model.eval()
+    probs = []
+    for rows in torch.arange(len(images)).split(batch_size):
+        x = normalize(images.take(rows))
+        with amp():
+            p = F.softmax(model(x).float(), dim=1)
+            if tta:
+                p = (p + F.softmax(model(x.flip(3)).float(), dim=1)) / 2
+        probs.append(p.cpu())
+    return torch.cat(probs).numpy() if probs else np.zeros((0, NUM_CLASSES), np.float32)
+
+
+def fit(
+    cfg: TrainConfig,
+    data: TrainData,
+    device: torch.device | str = "cpu",
+    on_epoch: OnEpoch | None = None,
+    progress: bool = False,
+) -> FitResult:
+    device = torch.device(device)
+    started = time.perf_counter()
+    seed = cfg.data.seed
+    torch.manual_seed(seed)
+    sample_gen = torch.Generator().manual_seed(seed)
+    augment_gen = torch.Generator(device=device).manual_seed(seed)
+    mix_rng = np.random.default_rng(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+    # Model, loss, optimizer and schedule, all from the config.
+    model = models.build(cfg.model).to(device, memory_format=memory_format)
+    forward = torch.compile(model) if cfg.train.compile else model
+    labels = data.table["label"].to_numpy()
+    train_labels, val_labels = labels[data.train_rows], labels[data.val_rows]
+    train_targets = torch.as_tensor(train_labels, device=device)
+    loss_fn = losses.build(cfg.loss, np.bincount(train_labels, minlength=NUM_CLASSES), device)
+    epoch_size = len(epoch_indices(train_labels, cfg.sampler, torch.Generator().manual_seed(seed)))
+    steps_per_epoch = math.ceil(math.ceil(epoch_size / cfg.train.batch_size) / cfg.train.accumulate)
+    optimizer = build_optimizer(model, cfg.optim)
+    schedule = build_schedule(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch, cfg.train.epochs)
+    amp, amp_dtype = autocast(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    # The images move to the device once; batches are built there by indexing.
+    channels_last = cfg.train.channels_last
+    on_device = cfg.augment.backend == "device"
+    train_images = DeviceImages(data.images[data.train_rows], device, channels_last) if on_device else None
+    val_images = DeviceImages(data.images[data.val_rows], device, channels_last)
+
+    history: list[dict] = []
+    best = {"epoch": 0, "f1": -1.0, "state": None, "probs": None}
+    stop_reason, seen, train_seconds = "completed", 0, 0.0
+    for epoch in range(1, cfg.train.epochs + 1):
+        model.train()
+        tick = time.perf_counter()
+        order = epoch_indices(train_labels, cfg.sampler, sample_gen)
+        if on_device:
+            batches = device_batches(
+                train_images, order, cfg.train.batch_size, cfg.augment.policy, augment_gen
+            )
+        else:
+            batches = albumentations_batches(
+                data.images,
+                data.train_rows,
+                order,
+                cfg.train.batch_size,
+                cfg.augment.policy,
+                cfg.train.workers,
+                device,
+                channels_last,
+            )
+        n_batches = math.ceil(len(order) / cfg.train.batch_size)
+        bar = tqdm(
+            batches,
+            total=n_batches,
+            desc=f"epoch {epoch}/{cfg.train.epochs}",
+            leave=False,
+            disable=not progress,
+            unit="batch",
+        )
+        loss_sum = torch.zeros((), device=device)
+        for step, (x, positions) in enumerate(bar, start=1):
+            targets = F.one_hot(train_targets[positions.to(device)], NUM_CLASSES).float()
+            x, targets = mix(normalize(x), targets, cfg.augment, mix_rng, augment_gen)
+            with amp():
+                loss = loss_fn(forward(x), targets)
+            scaler.scale(loss / cfg.train.accumulate).backward()
+            loss_sum += loss.detach()
+            if step % cfg.train.accumulate == 0 or step == n_batches:
+                if cfg.train.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+            if step % 20 == 0 or step == n_batches:  # one host sync every 20 steps, not every step
+                if not torch.isfinite(loss_sum):
+                    raise Diverged(
+                        f"loss became {loss_sum.item()} at epoch {epoch}, step {step}; "
+                        "lower optim.lr or set train.clip_grad"
+                    )
+                bar.set_postfix(loss=f"{loss_sum.item() / step:.3f}")
+        seen += len(order)
+        train_seconds += time.perf_counter() - tick
+
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum.item() / n_batches,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": len(order) / (time.perf_counter() - tick),
+        }
+        probs = None
+        if len(val_labels):
+            probs = infer(model, val_images, cfg.train.eval_batch_size, amp)
+            predicted = probs.argmax(1)
+            val_loss = loss_fn(
+                torch.as_tensor(np.log(probs + 1e-12)),
+                F.one_hot(torch.as_tensor(val_labels), NUM_CLASSES).float(),
+            ).item()
+            metrics.update(
+                val_loss=val_loss,
+                val_macro_f1=macro_f1(val_labels, predicted),
+                val_accuracy=float((predicted == val_labels).mean()),
+                val_per_class_f1=per_class_f1(val_labels, predicted).round(4).tolist(),
+            )
+            schedule.epoch_end(metrics["val_macro_f1"])
+        metrics["seconds"] = time.perf_counter() - tick
+        history.append(metrics)
+        score = metrics.get("val_macro_f1", float(epoch))  # without validation, the last epoch is best
+        if score > best["f1"]:
+            best = {
+                "epoch": epoch,
+                "f1": score,
+                "probs": probs,
+                "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            }
+        if progress:
+            shown = f"val macro-F1 {metrics['val_macro_f1']:.4f}" if probs is not None else "no validation"
+            tqdm.write(
+                f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, {shown}, "
+                f"{metrics['images_per_s']:.0f} img/s"
+            )
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        patience = cfg.train.patience
+        if patience and probs is not None and epoch - best["epoch"] >= patience:
+            stop_reason = f"early stop: no better val macro-F1 for {patience} epochs"
+            break
+
+    model.load_state_dict(best["state"])
+    model.eval()
+    return FitResult(
+        model=model,
+        best_epoch=best["epoch"],
+        best_val_macro_f1=best["f1"] if len(val_labels) else None,
+        history=history,
+        val_probs=best["probs"],
+        stop_reason=stop_reason,
+        images_per_s=seen / max(train_seconds, 1e-9),
+        wall_s=time.perf_counter() - started,
+    )
+
+
+# --- a run directory: model.safetensors + config.json + metrics.json --------------------------
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def save_run(out: str | Path, cfg: TrainConfig, result: FitResult) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+    _write_atomic(out / "model.safetensors", lambda p: save_file(state, str(p)))
+    write_json(out / "config.json", cfg.to_dict())
+    write_json(
+        out / "metrics.json",
+        {
+            "val_macro_f1": result.best_val_macro_f1,
+            "best_epoch": result.best_epoch,
+            "stop_reason": result.stop_reason,
+            "images_per_s": result.images_per_s,
+            "wall_s": result.wall_s,
+            "history": result.history,
+        },
+    )
+    return out
+
+
+def load_run(
+    run_dir: str | Path, device: torch.device | str = "cpu"
+) -> tuple[TrainConfig, models.Classifier]:
+    """The config and model of a run or export directory (weights only, never pickled code)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() or not (run_dir / "model.safetensors").is_file():
+        raise UserError(
+            f"{run_dir}: not a run or export directory (expected config.json and model.safetensors)"
+        )
+    try:
+        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{run_dir / 'config.json'}: not valid JSON ({err})") from None
+    model = models.build(cfg.model)
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    return cfg, model.to(device).eval()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m maskcls.train",
+        description="Train one mask-status classifier and write model.safetensors, config.json and "
+        "metrics.json (val_macro_f1 of the best epoch and the per-epoch history).",
+        epilog="Config keys: see maskcls/config.py (groups data, model, sampler, loss, optim, schedule, "
+        "augment, train). Example: --set model.name=resnet18 --set 'data.image_size=[128,96]' "
+        "--set train.epochs=10 --set optim.lr=3e-4 --set loss.name=focal",
+    )
+    parser.add_argument("--data", required=True, help="data root in the competition layout")
+    parser.add_argument("--out", required=True, help="run directory to write")
+    parser.add_argument("--config", help="YAML file with config groups (optional)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. optim.lr=3e-4 (repeatable)",
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
+    args = parser.parse_args(argv)
+
+    cfg = load(args.config, {**parse_overrides(args.overrides), "data.root": args.data})
+    device = pick_device(args.device)
+    data = load_data(cfg)
+    print(
+        f"{len(data.train_rows)} training and {len(data.val_rows)} validation images "
+        f"({data.table['person'].nunique()} people), {cfg.model.name} on {device}",
+        file=sys.stderr,
+    )
+    try:
+        result = fit(cfg, data, device, progress=True)
+    except Diverged as err:
+        print(f"training stopped: {err}", file=sys.stderr)
+        return 1
+    out = save_run(args.out, cfg, result)
+    print(
+        f"best val macro-F1 {result.best_val_macro_f1:.4f} at epoch {result.best_epoch} "
+        f"({result.stop_reason}); wrote {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
