@@ -33,3 +33,38 @@ def tiny_root(tmp_path_factory):
         workers=1,
         progress=False,
     )
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory):
+    """24 people: enough for a person-level split, small enough to train on in a second."""
+    return generate(
+        tmp_path_factory.mktemp("data") / "small",
+        people=24,
+        eval_people=3,
+        seed=2,
+        size=(48, 64),
+        workers=2,
+        progress=False,
+    )
+
+
+@pytest.fixture
+def tiny_cfg(small_root, tmp_path):
+    """A config that trains a tiny model for one epoch in about a second on the CPU."""
+    from maskcls.config import load
+
+    return load(
+        None,
+        {
+            "data.root": str(small_root),
+            "data.image_size": [32, 24],
+            "data.cache_dir": str(tmp_path / "cache"),
+            "data.val_ratio": 0.3,
+            "model.name": "mobilenetv3_small_050",
+            "train.epochs": 1,
+            "train.batch_size": 16,
+            "train.workers": 0,
+            "optim.lr": 3e-3,
+        },
+    )

@@ -41,3 +41,10 @@ def test_folds_are_disjoint_cover_everyone_and_have_similar_class_mix(images):
         mix = np.bincount(images["label"].iloc[fold.val], minlength=18) / len(fold.val)
         assert np.abs(mix - overall).max() < 0.04, (mix - overall).round(3)
     assert len(seen) == 300
+
+
+def test_tiny_data_with_single_person_strata_still_splits(tiny_root):
+    tiny = scan(tiny_root)  # 6 people: several gender x age strata hold one person
+    split = holdout(tiny, val_ratio=0.34, seed=0)
+    assert len(people(tiny, split.val)) == 3 and not people(tiny, split.train) & people(tiny, split.val)
+    assert len(kfold(tiny, k=2, seed=0)) == 2

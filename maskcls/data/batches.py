@@ -7,6 +7,7 @@ augmented on the device. The albumentations backend reads the same cache in Data
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -52,7 +53,9 @@ class DeviceImages:
     """uint8 images [N, H, W, 3] resident on the device; batches come out float [B, 3, H, W] in [0, 1]."""
 
     def __init__(self, images: np.ndarray, device: torch.device, channels_last: bool = False):
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        with warnings.catch_warnings():  # a read-only memmap is fine: these images are never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         self.channels_last = channels_last
 
     def __len__(self) -> int:

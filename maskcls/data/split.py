@@ -28,6 +28,8 @@ def _people(images: pd.DataFrame, stratify: tuple[str, ...], min_count: int) -> 
     strata = people.astype(str).agg("/".join, axis=1) if stratify else pd.Series("all", people.index)
     rare = strata.map(strata.value_counts()) < min_count
     strata[rare] = "rare"  # too few people to spread over every side: pool them
+    if 0 < rare.sum() < min_count:  # still too few: join the largest stratum
+        strata[rare] = strata[~rare].value_counts().idxmax() if (~rare).any() else "rare"
     return people.index.to_numpy(), strata.to_numpy()
 
 
