@@ -29,7 +29,7 @@ from maskcls import losses, models
 from maskcls.cli import run_main
 from maskcls.config import TrainConfig, load, parse_overrides
 from maskcls.data import cache
-from maskcls.data.augment import mix, normalize
+from maskcls.data.augment import mix
 from maskcls.data.batches import DeviceImages, albumentations_batches, device_batches, epoch_indices
 from maskcls.data.layout import scan
 from maskcls.data.split import holdout, kfold
@@ -37,6 +37,7 @@ from maskcls.errors import UserError
 from maskcls.labels import NUM_CLASSES, AgeCutoffs
 from maskcls.metrics import macro_f1, per_class_f1
 from maskcls.optim import build_optimizer, build_schedule
+from maskcls.runtime import configure_cpu
 
 OnEpoch = Callable[[int, dict], None]
 
@@ -109,7 +110,7 @@ def infer(
     model.eval()
     probs = []
     for rows in torch.arange(len(images)).split(batch_size):
-        x = normalize(images.take(rows))
+        x = images.inputs(rows)
         with amp():
             p = F.softmax(model(x).float(), dim=1)
             if tta:
@@ -190,7 +191,7 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         for step, (x, positions) in enumerate(bar, start=1):
             targets = F.one_hot(train_targets[positions.to(device)], NUM_CLASSES).float()
-            x, targets = mix(normalize(x), targets, cfg.augment, mix_rng, augment_gen)
+            x, targets = mix(x, targets, cfg.augment, mix_rng, augment_gen)
             with amp():
                 loss = loss_fn(forward(x), targets)
             scaler.scale(loss / cfg.train.accumulate).backward()
@@ -350,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = load(args.config, {**parse_overrides(args.overrides), "data.root": args.data})
     device = pick_device(args.device)
+    configure_cpu()
     data = load_data(cfg)
     print(
         f"{len(data.train_rows)} training and {len(data.val_rows)} validation images "

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import albumentations as A
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from maskcls.config import MEAN, STD, AugmentConfig
 
@@ -41,31 +40,78 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torc
     return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
 
 
-def device_augment(x: torch.Tensor, policy: Policy, gen: torch.Generator) -> torch.Tensor:
-    """Augment a float batch [B, 3, H, W] in [0, 1], each image with its own random draw."""
-    n, device = x.shape[0], x.device
+def _norm_constants(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale and bias that map uint8 values straight to normalised floats."""
+    std = torch.tensor(STD, device=device)
+    return 1 / (255 * std), -torch.tensor(MEAN, device=device) / std
+
+
+def _to_nchw(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """[B, H, W, 3] -> [B, 3, H, W]; the permuted view already has the channels_last layout."""
+    x = x.permute(0, 3, 1, 2)
+    return x if channels_last else x.contiguous()
+
+
+def to_input(batch: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] in one fused pass."""
+    scale, bias = _norm_constants(batch.device)
+    return _to_nchw(torch.addcmul(bias, batch.float(), scale), channels_last)
+
+
+def _warp(store: torch.Tensor, rows: torch.Tensor, policy: Policy, gen: torch.Generator) -> torch.Tensor:
+    """Flip, zoom, shift and rotate the images `store[rows]` at once: one nearest-neighbour gather.
+
+    Each output pixel copies the source pixel its inverse affine map points to (clamped to the
+    border), read straight from the uint8 store: the batch is never copied out before warping.
+    """
+    n, (h, w) = len(rows), store.shape[1:3]
+    device = store.device
+    zoom = _uniform(n, *policy.scale, gen, device)[:, None, None]
+    angle = (_uniform(n, -policy.rotate, policy.rotate, gen, device) * (math.pi / 180))[:, None, None]
+    shift_y, shift_x = (
+        _uniform(n, -policy.shift, policy.shift, gen, device)[:, None, None] for _ in range(2)
+    )
+    mirror = torch.ones(n, 1, 1, device=device)
     if policy.flip:
-        flip = torch.rand(n, generator=gen, device=device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if policy.scale != (1.0, 1.0) or policy.shift or policy.rotate:
-        zoom = _uniform(n, *policy.scale, gen, device)
-        angle = _uniform(n, -policy.rotate, policy.rotate, gen, device) * (math.pi / 180)
-        tx, ty = (_uniform(n, -2 * policy.shift, 2 * policy.shift, gen, device) for _ in range(2))
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    if policy.jitter:
-        j = policy.jitter
-        bright = _uniform(n, 1 - j, 1 + j, gen, device)[:, None, None, None]
-        contrast = _uniform(n, 1 - j, 1 + j, gen, device)[:, None, None, None]
-        saturation = _uniform(n, 1 - j, 1 + j, gen, device)[:, None, None, None]
-        x = x * bright
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * contrast + mean
-        grey = x.mean(dim=1, keepdim=True)
-        x = ((x - grey) * saturation + grey).clamp_(0, 1)
-    return x
+        mirror = torch.where(torch.rand(n, 1, 1, generator=gen, device=device) < 0.5, -1.0, 1.0)
+    # Output pixel centres in [-1, 1], mapped back to source pixel indices.
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=device)[None, :, None]
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=device)[None, None, :]
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    if policy.rotate:  # rows and columns depend on both coordinates: a full 2-D map
+        src_x = mirror * (cos * xs - sin * ys * (h / w)) + 2 * shift_x
+        src_y = sin * xs * (w / h) + cos * ys + 2 * shift_y
+    else:  # separable: one row index per output row, one column index per output column
+        src_x, src_y = mirror * cos * xs + 2 * shift_x, cos * ys + 2 * shift_y
+    col = ((src_x + 1) * (w / 2)).long().clamp_(0, w - 1)
+    row = ((src_y + 1) * (h / 2)).long().clamp_(0, h - 1)
+    base = rows[:, None, None] * (h * w)
+    pixel = ((base + row * w) + col).view(-1)  # broadcast to [n, h, w] only here
+    return store.view(-1, 3).index_select(0, pixel).view(n, h, w, 3)
+
+
+def device_augment(
+    store: torch.Tensor, rows: torch.Tensor, policy: Policy, gen: torch.Generator, channels_last: bool = True
+) -> torch.Tensor:
+    """Images `store[rows]` (uint8 [N, H, W, 3] on the device) -> augmented, normalised float
+    [B, 3, H, W]; every image its own random draw."""
+    n, device = len(rows), store.device
+    if policy.flip or policy.scale != (1.0, 1.0) or policy.shift or policy.rotate:
+        batch = _warp(store, rows, policy, gen)
+    else:
+        batch = store[rows]
+    if not policy.jitter:
+        return to_input(batch, channels_last)
+    # Brightness b, contrast c and saturation s in one in-place pass over the float image:
+    # y = b*x;  y = (y - mean(y))*c + mean(y);  out = (y - grey(y))*s + grey(y)
+    j = policy.jitter
+    b, c, s = (_uniform(n, 1 - j, 1 + j, gen, device)[:, None, None, None] for _ in range(3))
+    x = batch.float()
+    grey = ((x[..., 0] + x[..., 1] + x[..., 2]) / 3).unsqueeze(3)  # 7x faster than mean(3) here
+    offset = (b * c * (1 - s)) * grey + b * (1 - c) * grey.mean((1, 2), keepdim=True)
+    scale, bias = _norm_constants(device)
+    x = x.mul_(b * c * s).add_(offset).clamp_(0, 255).mul_(scale).add_(bias)
+    return _to_nchw(x, channels_last)
 
 
 def albumentations_transform(policy: Policy) -> A.Compose:
@@ -87,12 +133,6 @@ def albumentations_transform(policy: Policy) -> A.Compose:
         j = policy.jitter
         steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0, p=1.0))
     return A.Compose(steps)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype)[None, :, None, None]
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype)[None, :, None, None]
-    return (x - mean) / std
 
 
 def mix(

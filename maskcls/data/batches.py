@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from maskcls.config import SamplerConfig
-from maskcls.data.augment import POLICIES, albumentations_transform, device_augment
+from maskcls.data.augment import POLICIES, albumentations_transform, device_augment, to_input
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -50,7 +50,7 @@ def epoch_indices(labels: np.ndarray, cfg: SamplerConfig, gen: torch.Generator) 
 
 
 class DeviceImages:
-    """uint8 images [N, H, W, 3] resident on the device; batches come out float [B, 3, H, W] in [0, 1]."""
+    """uint8 images [N, H, W, 3] resident on the device; `take` indexes a uint8 batch out of them."""
 
     def __init__(self, images: np.ndarray, device: torch.device, channels_last: bool = False):
         with warnings.catch_warnings():  # a read-only memmap is fine: these images are never written
@@ -62,12 +62,11 @@ class DeviceImages:
         return len(self.images)
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
-        return to_float(self.images[rows.to(self.images.device)], self.channels_last)
+        return self.images[rows.to(self.images.device)]
 
-
-def to_float(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    x = batch.permute(0, 3, 1, 2).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    def inputs(self, rows: torch.Tensor) -> torch.Tensor:
+        """Normalised float model inputs, no augmentation (validation, inference)."""
+        return to_input(self.take(rows), self.channels_last)
 
 
 class _Albumented(Dataset):
@@ -88,9 +87,10 @@ class _Albumented(Dataset):
 def device_batches(
     images: DeviceImages, order: torch.Tensor, batch_size: int, policy: str, gen: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(augmented float batch, its positions) for one epoch: indexing and augmenting on the device."""
+    """(augmented, normalised batch, its positions) for one epoch: indexing and augmenting on the device."""
     for positions in order.split(batch_size):
-        yield device_augment(images.take(positions), POLICIES[policy], gen), positions
+        rows = positions.to(images.images.device)
+        yield device_augment(images.images, rows, POLICIES[policy], gen, images.channels_last), positions
 
 
 def albumentations_batches(
@@ -112,4 +112,4 @@ def albumentations_batches(
         pin_memory=device.type == "cuda",
     )
     for positions, batch in zip(chunks, loader, strict=True):
-        yield to_float(batch.to(device, non_blocking=True), channels_last), positions
+        yield to_input(batch.to(device, non_blocking=True), channels_last), positions
