@@ -66,6 +66,7 @@ class FitResult:
     best_val_macro_f1: float | None  # None without validation people
     history: list[dict]
     val_probs: np.ndarray | None  # [n_val, 18] at the best epoch
+    val_labels: np.ndarray  # true classes of the validation images, in the same order
     stop_reason: str
     images_per_s: float
     wall_s: float
@@ -266,6 +267,7 @@ def fit(
         best_val_macro_f1=best["f1"] if len(val_labels) else None,
         history=history,
         val_probs=best["probs"],
+        val_labels=val_labels,
         stop_reason=stop_reason,
         images_per_s=seen / max(train_seconds, 1e-9),
         wall_s=time.perf_counter() - started,

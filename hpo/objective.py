@@ -1,0 +1,146 @@
+"""One trial = one training run: suggested overrides -> TrainConfig -> maskcls.train.fit.
+
+Validation macro-F1 is reported after every epoch and the pruner may stop the run there. What a
+person needs to judge the trial is recorded on it: user attrs (resolved config, best epoch,
+per-class F1, images/s, wall time, peak memory, device, host) and artifacts shown by the
+dashboard (learning curves, confusion matrix, config). A trial that runs out of memory or
+diverges fails with its reason recorded; the worker releases the memory and goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+from hpo import space
+from hpo.spec import StudySpec
+from maskcls import plots
+from maskcls.labels import AgeCutoffs
+from maskcls.metrics import confusion
+from maskcls.train import Diverged, FitResult, fit, load_data
+
+ACTIVE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+
+
+class TrialFailed(Exception):
+    """A trial that failed for a recorded reason; the worker goes on with the next one."""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail(trial: optuna.Trial, reason: str) -> TrialFailed:
+    trial.set_user_attr("fail_reason", reason)
+    return TrialFailed(reason)
+
+
+def refuse_surplus(trial: optuna.Trial, target: int) -> None:
+    """Workers that ask at the same moment may start more trials than the target: the trials
+    with the lowest numbers keep their slots, a later one fails at once without training."""
+    ahead = [t for t in trial.study.get_trials(deepcopy=False, states=ACTIVE) if t.number < trial.number]
+    if len(ahead) >= target:
+        raise fail(trial, f"surplus: {target} trials were already finished or running")
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err))
+    )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def make_objective(
+    spec: StudySpec, device: torch.device, target: int, artifacts: FileSystemArtifactStore | None
+) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker_id())
+        refuse_surplus(trial, target)
+        cfg = spec.base.override(space.suggest(trial, spec.params))
+        trial.set_user_attr("config", cfg.to_dict())
+        trial.set_user_attr(
+            "device", str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+        )
+        trial.set_user_attr("host", socket.gethostname())
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            trial.report(metrics["val_macro_f1"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(
+                    f"pruned after epoch {epoch}: val macro-F1 {metrics['val_macro_f1']:.4f}"
+                )
+
+        try:
+            result = fit(cfg, load_data(cfg, progress=False), device, on_epoch)
+        except Diverged as err:
+            raise fail(trial, f"diverged: {err}") from None
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+            if not _is_oom(err):
+                raise
+            reason = (
+                f"out of memory on {device} "
+                f"(batch_size={cfg.train.batch_size}, image_size={list(cfg.data.image_size)})"
+            )
+            del err  # drop the traceback's references to the trial's tensors before freeing
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise fail(trial, reason) from None
+        _record(trial, cfg, result, device, artifacts)
+        return result.best_val_macro_f1
+
+    return objective
+
+
+def _record(
+    trial: optuna.Trial,
+    cfg,
+    result: FitResult,
+    device: torch.device,
+    artifacts: FileSystemArtifactStore | None,
+) -> None:
+    best = result.history[result.best_epoch - 1]
+    for key, value in {
+        "best_epoch": result.best_epoch,
+        "per_class_f1": best["val_per_class_f1"],
+        "val_accuracy": round(best["val_accuracy"], 4),
+        "images_per_s": round(result.images_per_s, 1),
+        "wall_s": round(result.wall_s, 1),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "stop_reason": result.stop_reason,
+    }.items():
+        trial.set_user_attr(key, value)
+    if artifacts is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cutoffs = AgeCutoffs(cfg.data.young_age, cfg.data.old_age)
+        files = [
+            plots.learning_curves(result.history, tmp / "learning_curves.png"),
+            plots.confusion_matrix(
+                confusion(result.val_labels, result.val_probs.argmax(1)),
+                tmp / "confusion_matrix.png",
+                cutoffs,
+            ),
+        ]
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        files.append(tmp / "config.json")
+        for path in files:
+            upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)

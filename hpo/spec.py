@@ -1,0 +1,219 @@
+"""Study specs: `studies/<name>.yaml` says everything a search needs.
+
+```yaml
+study: demo                       # the Optuna study name
+storage: null                     # default: sqlite:///runs/<study>/study.db
+data: {root: runs/demo/data, synth: {people: 200, eval_people: 50, size: [96, 128]}}
+n_trials: 16                      # default for --n-trials
+fixed: {model.name: mobilenetv3_small_050, train.epochs: 6}   # TrainConfig values for every trial
+sampler: {name: tpe}              # tpe (multivariate, constant liar) | random | cmaes | gp
+pruner: {name: hyperband}         # hyperband | median | successive_halving | none
+space: {...}                      # see hpo.space
+enqueue: [{optim.lr: 0.003}]      # recipes run first, so a search never ends below them
+heartbeat: {interval: 10, grace: 60, max_retry: 2}
+```
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from hpo import space
+from maskcls.config import TrainConfig
+from maskcls.errors import ConfigError, UserError
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+METRIC = "val_macro_f1"  # maximised
+
+SAMPLERS = {
+    "tpe": lambda seed, **kw: optuna.samplers.TPESampler(
+        seed=seed, **{"multivariate": True, "group": True, "constant_liar": True, **kw}
+    ),
+    "random": lambda seed, **kw: optuna.samplers.RandomSampler(seed=seed, **kw),
+    "cmaes": lambda seed, **kw: optuna.samplers.CmaEsSampler(
+        seed=seed, **{"warn_independent_sampling": False, **kw}
+    ),
+    "gp": lambda seed, **kw: optuna.samplers.GPSampler(seed=seed, **kw),
+}
+PRUNERS = {
+    "hyperband": lambda epochs, **kw: optuna.pruners.HyperbandPruner(
+        **{"min_resource": 1, "max_resource": epochs, "reduction_factor": 3, **kw}
+    ),
+    "median": lambda epochs, **kw: optuna.pruners.MedianPruner(
+        **{"n_startup_trials": 4, "n_warmup_steps": 1, **kw}
+    ),
+    "successive_halving": lambda epochs, **kw: optuna.pruners.SuccessiveHalvingPruner(
+        **{"min_resource": 1, "reduction_factor": 3, **kw}
+    ),
+    "none": lambda epochs, **kw: optuna.pruners.NopPruner(),
+}
+SPEC_KEYS = (
+    "study",
+    "storage",
+    "data",
+    "metric",
+    "n_trials",
+    "fixed",
+    "sampler",
+    "pruner",
+    "space",
+    "enqueue",
+    "heartbeat",
+)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    interval: int = 10  # seconds between a running trial's heartbeats
+    grace: int = 60  # a RUNNING trial silent this long is failed and re-queued
+    max_retry: int = 2  # re-queues of one trial before it stays failed
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    path: Path
+    storage: str | None
+    base: TrainConfig  # fixed values applied; every trial starts from it
+    synth: dict | None  # stand-in to generate at data.root when missing
+    n_trials: int
+    sampler: dict
+    pruner: dict
+    params: list[space.Param]
+    enqueue: list[dict]
+    heartbeat: Heartbeat
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path("runs") / self.name
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        options = {k: v for k, v in self.sampler.items() if k not in ("name", "seed")}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return SAMPLERS[self.sampler["name"]](self.sampler.get("seed"), **options)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        options = {k: v for k, v in self.pruner.items() if k != "name"}
+        return PRUNERS[self.pruner["name"]](self.base.train.epochs, **options)
+
+    def with_data(self, root: str | None) -> StudySpec:
+        if not root:
+            return self
+        base = self.base.override({"data.root": str(Path(root).expanduser())})
+        return StudySpec(**{**self.__dict__, "base": base, "synth": None})
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+
+
+def resolve(name_or_path: str) -> Path:
+    """`mask` -> studies/mask.yaml; a path to a YAML file works too."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"study spec {path} not found")
+        return path
+    candidate = STUDIES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise UserError(
+            f"unknown study {name_or_path!r}; available: {', '.join(available()) or 'none'} "
+            f"(in {STUDIES_DIR}), or give a path to a spec file"
+        )
+    return candidate
+
+
+def load(name_or_path: str) -> StudySpec:
+    path = resolve(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid YAML ({err})") from None
+    if not isinstance(raw, Mapping):
+        raise UserError(f"{path}: expected a mapping with keys {', '.join(SPEC_KEYS)}")
+    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    if unknown:
+        raise UserError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(SPEC_KEYS)}")
+    name = raw.get("study") or path.stem
+    if raw.get("metric", METRIC) != METRIC:
+        raise UserError(f"{path}: metric must be {METRIC} (maximised), got {raw['metric']!r}")
+
+    data = raw.get("data") or {}
+    if not isinstance(data, Mapping) or set(data) - {"root", "synth"}:
+        raise UserError(f"{path}: data must be a mapping with `root` and optionally `synth`")
+    fixed = _flatten(raw.get("fixed") or {}, f"{path}: fixed")
+    fixed.setdefault("data.cache_dir", str(Path("runs") / name / "cache"))
+    if data.get("root"):
+        fixed["data.root"] = str(data["root"])
+    try:
+        base = TrainConfig().override(fixed)
+    except ConfigError as err:
+        raise UserError(f"{path}: fixed: {err}") from None
+
+    params = space.parse(raw.get("space"), f"{path}: space")
+    enqueue = [
+        space.check_recipe(r, params, f"{path}: enqueue[{i}]") for i, r in enumerate(raw.get("enqueue") or [])
+    ]
+    sampler = _choice(raw.get("sampler") or {"name": "tpe"}, SAMPLERS, f"{path}: sampler")
+    pruner = _choice(raw.get("pruner") or {"name": "hyperband"}, PRUNERS, f"{path}: pruner")
+    try:
+        heartbeat = Heartbeat(**(raw.get("heartbeat") or {}))
+    except TypeError:
+        raise UserError(f"{path}: heartbeat takes interval, grace and max_retry") from None
+    n_trials = raw.get("n_trials", 20)
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise UserError(f"{path}: n_trials must be a positive integer")
+    spec = StudySpec(
+        name=str(name),
+        path=path,
+        storage=raw.get("storage"),
+        base=base,
+        synth=data.get("synth"),
+        n_trials=n_trials,
+        sampler=sampler,
+        pruner=pruner,
+        params=params,
+        enqueue=enqueue,
+        heartbeat=heartbeat,
+    )
+    _check_builds(spec, path)
+    return spec
+
+
+def _flatten(values: Any, where: str) -> dict[str, Any]:
+    """`{optim: {lr: 1}}` and `{optim.lr: 1}` both become `{"optim.lr": 1}`."""
+    if not isinstance(values, Mapping):
+        raise UserError(f"{where}: expected a mapping of config paths to values")
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def _choice(raw: Any, registry: dict, where: str) -> dict:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping) or raw.get("name") not in registry:
+        name = raw.get("name") if isinstance(raw, Mapping) else raw
+        raise UserError(f"{where}: unknown name {name!r}; valid: {', '.join(registry)}")
+    return dict(raw)
+
+
+def _check_builds(spec: StudySpec, path: Path) -> None:
+    """Build sampler and pruner once so that a bad option fails at load time, naming it."""
+    for what, make in (("sampler", spec.make_sampler), ("pruner", spec.make_pruner)):
+        try:
+            make()
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{path}: {what}: {err}") from None

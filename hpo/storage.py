@@ -1,0 +1,98 @@
+"""Where a study lives, and how to share it safely.
+
+URL: `--storage`, else $HPO_STORAGE, else the spec's `storage`, else sqlite:///runs/<study>/study.db.
+
+SQLite is configured so that all the workers of one machine share it: WAL journal (readers never
+block the writer), a 60 s busy timeout (a writer waits instead of failing with "database is
+locked"), and write transactions that begin IMMEDIATE (they take the write lock before their first
+write, so two transactions never deadlock upgrading read locks). PostgreSQL and MySQL get
+pool_pre_ping (survive server restarts) and a small pool per process, which is what many workers
+on many machines need. Heartbeats let a RUNNING trial of a dead machine be failed and re-queued.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import warnings
+from pathlib import Path
+
+import optuna
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from hpo.spec import Heartbeat, StudySpec
+from maskcls.errors import UserError
+
+BUSY_TIMEOUT_S = 60
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def resolve_url(cli_url: str | None, spec: StudySpec) -> str:
+    return (
+        cli_url or os.environ.get("HPO_STORAGE") or spec.storage or f"sqlite:///{spec.runs_dir / 'study.db'}"
+    )
+
+
+def masked(url: str) -> str:
+    """The URL with its password hidden, for every message and log line."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable storage URL>"
+
+
+def engine_kwargs(url: str, tuned: bool = True) -> dict:
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        return {"connect_args": {"timeout": BUSY_TIMEOUT_S, "isolation_level": "IMMEDIATE"}} if tuned else {}
+    # Optuna uses one connection per process plus the heartbeat thread's.
+    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4, "pool_recycle": 1800}
+
+
+def open_storage(
+    url: str, heartbeat: Heartbeat | None = None, tuned: bool = True
+) -> optuna.storages.RDBStorage:
+    """An RDBStorage, or UserError naming the (masked) URL and the reason it cannot be used."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UserError(
+            f"storage URL {url!r} does not parse (e.g. sqlite:///runs/demo/study.db or "
+            "postgresql+psycopg://user:password@host/db)"
+        ) from None
+    if parsed.get_backend_name() == "sqlite" and tuned and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(parsed.database, timeout=BUSY_TIMEOUT_S) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the database file
+    options = {}
+    if heartbeat is not None:
+        options = {
+            "heartbeat_interval": heartbeat.interval,
+            "grace_period": heartbeat.grace,
+            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=heartbeat.max_retry
+            ),
+        }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url, tuned), **options)
+    except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot use storage {masked(url)}: {reason}") from None
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int) -> None:
+    """Re-queue a failed trial with the same parameters, the way the heartbeat does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    """Trials per state name (complete, pruned, fail, running, waiting) plus finished."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    out = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState}
+    out["finished"] = out["complete"] + out["pruned"]
+    return out
