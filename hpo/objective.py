@@ -69,6 +69,18 @@ def make_objective(
     spec: StudySpec, device: torch.device, target: int, artifacts: FileSystemArtifactStore | None
 ) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
+        try:
+            return run(trial)
+        except (optuna.TrialPruned, TrialFailed):
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+            raise
+        except Exception as err:
+            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:500])
+            raise
+
+    def run(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_id())
         refuse_surplus(trial, target)
         cfg = spec.base.override(space.suggest(trial, spec.params))

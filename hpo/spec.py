@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import yaml
 
@@ -94,11 +95,16 @@ class StudySpec:
     def runs_dir(self) -> Path:
         return Path("runs") / self.name
 
-    def make_sampler(self) -> optuna.samplers.BaseSampler:
+    def make_sampler(self, worker: str | None = None) -> optuna.samplers.BaseSampler:
+        """Each worker gets its own seed derived from the spec's: with one shared seed, parallel
+        workers draw the same points at the same moment, which constant liar cannot prevent."""
         options = {k: v for k, v in self.sampler.items() if k not in ("name", "seed")}
+        seed = self.sampler.get("seed")
+        if seed is not None and worker is not None:
+            seed = int(np.random.SeedSequence([seed, *worker.encode()]).generate_state(1)[0] >> 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return SAMPLERS[self.sampler["name"]](self.sampler.get("seed"), **options)
+            return SAMPLERS[self.sampler["name"]](seed, **options)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         options = {k: v for k, v in self.pruner.items() if k != "name"}

@@ -65,18 +65,18 @@ def open_storage(
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         with sqlite3.connect(parsed.database, timeout=BUSY_TIMEOUT_S) as conn:
             conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the database file
-    options = {}
-    if heartbeat is not None:
-        options = {
-            "heartbeat_interval": heartbeat.interval,
-            "grace_period": heartbeat.grace,
-            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=heartbeat.max_retry
-            ),
-        }
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            options = {}
+            if heartbeat is not None:
+                options = {
+                    "heartbeat_interval": heartbeat.interval,
+                    "grace_period": heartbeat.grace,
+                    "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=heartbeat.max_retry
+                    ),
+                }
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url, tuned), **options)
     except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__

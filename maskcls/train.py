@@ -34,7 +34,7 @@ from maskcls.data.batches import DeviceImages, albumentations_batches, device_ba
 from maskcls.data.layout import scan
 from maskcls.data.split import holdout, kfold
 from maskcls.errors import UserError
-from maskcls.labels import NUM_CLASSES, AgeCutoffs
+from maskcls.labels import NUM_CLASSES, AgeCutoffs, age_band, encode
 from maskcls.metrics import macro_f1, per_class_f1
 from maskcls.optim import build_optimizer, build_schedule
 from maskcls.runtime import configure_cpu
@@ -73,9 +73,17 @@ class FitResult:
 
 
 def load_data(cfg: TrainConfig, progress: bool = True) -> TrainData:
-    """Scan the layout, split by person and decode the images once into the shared cache."""
+    """Scan the layout, split by person and decode the images once into the shared cache.
+
+    `label` is always the competition's class (cutoffs 30 and 60), which validation scores;
+    `train_label` uses the configured cutoffs, so moving the upper one to 58 changes what the
+    model is taught, never what it is measured against.
+    """
     d = cfg.data
-    table = scan(d.root, d.corrections, AgeCutoffs(d.young_age, d.old_age))
+    table = scan(d.root, d.corrections)
+    table["train_label"] = encode(
+        table["mask"], table["gender"], age_band(table["age"].to_numpy(), AgeCutoffs(d.young_age, d.old_age))
+    )
     split = (
         kfold(table, d.folds, d.seed)[d.fold] if d.fold is not None else holdout(table, d.val_ratio, d.seed)
     )
@@ -141,8 +149,8 @@ def fit(
     # Model, loss, optimizer and schedule, all from the config.
     model = models.build(cfg.model).to(device, memory_format=memory_format)
     forward = torch.compile(model) if cfg.train.compile else model
-    labels = data.table["label"].to_numpy()
-    train_labels, val_labels = labels[data.train_rows], labels[data.val_rows]
+    train_labels = data.table["train_label"].to_numpy()[data.train_rows]
+    val_labels = data.table["label"].to_numpy()[data.val_rows]
     train_targets = torch.as_tensor(train_labels, device=device)
     loss_fn = losses.build(cfg.loss, np.bincount(train_labels, minlength=NUM_CLASSES), device)
     epoch_size = len(epoch_indices(train_labels, cfg.sampler, torch.Generator().manual_seed(seed)))

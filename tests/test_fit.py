@@ -163,3 +163,13 @@ def test_early_stopping_follows_the_history(tiny_cfg):
     else:
         assert result.stop_reason == "completed"
     assert result.best_val_macro_f1 == max(scores) and scores[result.best_epoch - 1] == max(scores)
+
+
+def test_a_moved_age_cutoff_changes_training_labels_not_validation_labels(tiny_cfg):
+    moved = tiny_cfg.override({"data.old_age": 45})
+    standard, shifted = load_data(tiny_cfg, progress=False), load_data(moved, progress=False)
+    assert (standard.table["label"] == shifted.table["label"]).all()
+    changed = shifted.table["train_label"] != shifted.table["label"]
+    assert changed.any() and (shifted.table.loc[changed, "age"].between(45, 59)).all()
+    result = fit(moved, shifted, "cpu")
+    assert np.array_equal(result.val_labels, standard.table["label"].to_numpy()[standard.val_rows])

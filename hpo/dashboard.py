@@ -1,0 +1,53 @@
+"""`python -m hpo.dashboard --study NAME [--port P]`: optuna-dashboard for a study, on 127.0.0.1.
+
+Serves the study's storage and artifact store (learning curves, confusion matrices, configs). The
+plain CLI works too: `optuna-dashboard sqlite:///runs/demo/study.db --artifact-dir runs/demo/artifacts`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna_dashboard
+from optuna.artifacts import FileSystemArtifactStore
+
+from hpo import spec as specs
+from hpo.storage import masked, open_storage, resolve_url
+from maskcls.cli import run_main
+from maskcls.errors import UserError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpo.dashboard", description=__doc__.split("\n")[0])
+    parser.add_argument("--study", required=True, help="name in studies/ or a spec path")
+    parser.add_argument("--storage", help="storage URL (default: as hpo.run resolves it)")
+    parser.add_argument("--artifacts", help="artifact directory (default runs/<study>/artifacts)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args(argv)
+    spec = specs.load(args.study)
+    url = resolve_url(args.storage, spec)
+    storage = open_storage(url)
+    artifacts = Path(args.artifacts or os.environ.get("HPO_ARTIFACTS") or spec.runs_dir / "artifacts")
+    if not artifacts.is_dir():
+        raise UserError(
+            f"artifact directory {artifacts} not found (run the study first, or pass --artifacts)"
+        )
+    print(
+        f"optuna-dashboard for {masked(url)} on http://{args.host}:{args.port}/ (Ctrl-C stops it)",
+        file=sys.stderr,
+    )
+    optuna_dashboard.run_server(
+        storage, host=args.host, port=args.port, artifact_store=FileSystemArtifactStore(str(artifacts))
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
