@@ -364,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
 
+    if before["finished"] >= target:
+        print(summary(study, target, spec, url, artifacts))
+        return 0
     deadline = time.time() + args.timeout if args.timeout else None
     dispatcher = Dispatcher(spec, url, target, slots, artifacts, deadline, progress=not args.no_progress)
     signal.signal(signal.SIGTERM, _terminate)

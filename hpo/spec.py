@@ -7,7 +7,7 @@ data: {root: runs/demo/data, synth: {people: 200, eval_people: 50, size: [96, 12
 n_trials: 16                      # default for --n-trials
 fixed: {model.name: mobilenetv3_small_050, train.epochs: 6}   # TrainConfig values for every trial
 sampler: {name: tpe}              # tpe (multivariate, constant liar) | random | cmaes | gp
-pruner: {name: hyperband}         # hyperband | median | successive_halving | none
+pruner: {name: hyperband}         # hyperband | median | successive_halving | threshold | none
 space: {...}                      # see hpo.space
 enqueue: [{optim.lr: 0.003}]      # recipes run first, so a search never ends below them
 heartbeat: {interval: 10, grace: 60, max_retry: 2}
@@ -53,6 +53,7 @@ PRUNERS = {
     "successive_halving": lambda epochs, **kw: optuna.pruners.SuccessiveHalvingPruner(
         **{"min_resource": 1, "reduction_factor": 3, **kw}
     ),
+    "threshold": lambda epochs, **kw: optuna.pruners.ThresholdPruner(**kw),
     "none": lambda epochs, **kw: optuna.pruners.NopPruner(),
 }
 SPEC_KEYS = (

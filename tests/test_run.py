@@ -1,0 +1,295 @@
+"""The search service end to end on the CPU: real worker processes, real SQLite and PostgreSQL."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import optuna
+import pytest
+import yaml
+
+from hpo.storage import counts, open_storage
+from maskcls.cli import run_main
+
+pytestmark = pytest.mark.slow
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+# Trials of 1 epoch complete; trials of more epochs are pruned at epoch 2 by the threshold pruner.
+# So every study below holds both states, deterministically.
+EPOCH_CHOICES = [1, 3]
+
+
+def write_spec(tmp_path, root, name="t", epochs=EPOCH_CHOICES, **extra):
+    spec = {
+        "study": name,
+        "data": {"root": str(root)},
+        "n_trials": 5,
+        "fixed": {
+            "model.name": "mobilenetv3_small_050",
+            "data.image_size": [32, 24],
+            "train.batch_size": 16,
+            "data.val_ratio": 0.3,
+            "data.cache_dir": str(tmp_path / "cache"),
+        },
+        "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
+        "pruner": {"name": "threshold", "lower": 1.01, "n_warmup_steps": 2},
+        "space": {
+            "optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+            "train.epochs": {"type": "categorical", "choices": epochs},
+        },
+        "enqueue": [
+            {"train.epochs": epochs[0], "optim.lr": 3e-3},
+            {"train.epochs": epochs[-1], "optim.lr": 3e-3},
+        ],
+        "heartbeat": {"interval": 1, "grace": 4, "max_retry": 2},
+        **extra,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def hpo_run(spec, storage, *args, **popen):
+    command = [
+        sys.executable,
+        "-m",
+        "hpo.run",
+        "--study",
+        str(spec),
+        "--storage",
+        storage,
+        "--no-progress",
+        *args,
+    ]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def load(storage, name="t"):
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
+
+
+def wait_for_running_trial(storage, name="t", min_epoch=1, timeout=120):
+    """The first RUNNING trial that has reported at least `min_epoch` epochs."""
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            running = load(storage, name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        except KeyError:
+            running = []
+        for trial in running:
+            if len(trial.intermediate_values) >= min_epoch and "worker" in trial.user_attrs:
+                return trial
+        time.sleep(0.3)
+    raise AssertionError("no trial reached the expected epoch in time")
+
+
+@pytest.fixture(scope="module")
+def finished_study(small_root, tmp_path_factory):
+    """A 5-trial study run by `hpo.run` with 2 workers on SQLite."""
+    tmp = tmp_path_factory.mktemp("run")
+    spec = write_spec(tmp, small_root)
+    storage = f"sqlite:///{tmp / 'study.db'}"
+    code, out, err = finish(
+        hpo_run(spec, storage, "--workers", "2", "--artifacts", str(tmp / "artifacts"), cwd=tmp)
+    )
+    assert code == 0, err
+    return tmp, spec, storage, out
+
+
+def test_two_workers_reach_exactly_n_with_reports_and_pruning(finished_study):
+    tmp, spec, storage, out = finished_study
+    study = load(storage)
+    now = counts(study)
+    assert now["finished"] == 5 and now["running"] == 0 and now["waiting"] == 0
+    assert now["complete"] >= 1 and now["pruned"] >= 1
+    for trial in study.trials:
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            assert sorted(trial.intermediate_values) == [1, 2]  # pruned at epoch 2
+        elif trial.state == optuna.trial.TrialState.COMPLETE:
+            epochs = trial.user_attrs["config"]["train"]["epochs"]
+            assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
+            assert {
+                "best_epoch",
+                "per_class_f1",
+                "images_per_s",
+                "wall_s",
+                "peak_memory_mb",
+                "device",
+                "host",
+            } <= set(trial.user_attrs)
+            assert len(trial.user_attrs["per_class_f1"]) == 18
+    workers = {t.user_attrs["worker"] for t in study.trials}
+    assert len(workers) == 2  # both workers ran trials
+    assert "study t: 5/5 finished" in out and "python -m hpo.dashboard --study" in out
+
+
+def test_rerunning_a_finished_study_adds_nothing(finished_study):
+    tmp, spec, storage, _ = finished_study
+    before = len(load(storage).trials)
+    code, out, err = finish(hpo_run(spec, storage, "--workers", "2", cwd=tmp))
+    assert code == 0, err
+    assert len(load(storage).trials) == before and "5/5 finished" in out
+
+
+def test_dashboard_serves_the_study_and_its_artifacts(finished_study):
+    tmp, spec, storage, _ = finished_study
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hpo.dashboard",
+            "--study",
+            str(spec),
+            "--storage",
+            storage,
+            "--artifacts",
+            str(tmp / "artifacts"),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        studies = None
+        for _ in range(100):
+            try:
+                studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=2))
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert studies is not None, server.stderr.read() if server.poll() is not None else "no answer"
+        summary = next(s for s in studies["study_summaries"] if s["study_name"] == "t")
+        detail = json.load(urllib.request.urlopen(f"{base}/api/studies/{summary['study_id']}", timeout=5))
+        assert len(detail["trials"]) == 5
+        complete = next(t for t in detail["trials"] if t["state"] == "Complete")
+        names = {a["filename"]: a for a in complete["artifacts"]}
+        assert {"learning_curves.png", "confusion_matrix.png", "config.json"} <= set(names)
+        artifact = names["config.json"]
+        url = f"{base}/artifacts/{summary['study_id']}/{complete['trial_id']}/{artifact['artifact_id']}"
+        config = json.load(urllib.request.urlopen(url, timeout=5))
+        assert config["model"]["name"] == "mobilenetv3_small_050"
+        png = urllib.request.urlopen(
+            f"{base}/artifacts/{summary['study_id']}/{complete['trial_id']}/{names['learning_curves.png']['artifact_id']}"
+        ).read()
+        assert png.startswith(b"\x89PNG")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_sigkill_of_one_worker_fails_and_requeues_its_trial(small_root, tmp_path):
+    spec = write_spec(tmp_path, small_root, epochs=[6], n_trials=4, pruner={"name": "none"})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    run = hpo_run(spec, storage, "--workers", "2", cwd=tmp_path)
+    victim = wait_for_running_trial(storage, min_epoch=1)
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    code, out, err = finish(run)
+    assert code == 0, err
+    study = load(storage)
+    killed = study.trials[victim.number]
+    assert killed.state == optuna.trial.TrialState.FAIL and "died" in killed.user_attrs["fail_reason"]
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retried) == 1 and retried[0].params == killed.params
+    assert retried[0].state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    now = counts(study)
+    assert now["finished"] == 4 and now["running"] == 0 and now["waiting"] == 0
+    assert "worker cpu" in err and "re-queued" in err
+
+
+def test_sigkill_of_the_whole_run_is_recovered_by_the_heartbeat(small_root, tmp_path):
+    spec = write_spec(tmp_path, small_root, epochs=[6], n_trials=3, pruner={"name": "none"})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    run = hpo_run(spec, storage, "--workers", "2", cwd=tmp_path, start_new_session=True)
+    victim = wait_for_running_trial(storage, min_epoch=1)
+    os.killpg(run.pid, signal.SIGKILL)  # the machine dies: dispatcher and workers at once
+    run.communicate()
+    assert load(storage).trials[victim.number].state == optuna.trial.TrialState.RUNNING
+    code, out, err = finish(hpo_run(spec, storage, "--workers", "2", cwd=tmp_path))
+    assert code == 0, err
+    study = load(storage)
+    assert study.trials[victim.number].state == optuna.trial.TrialState.FAIL
+    assert any(t.system_attrs.get("failed_trial") == victim.number for t in study.trials)
+    now = counts(study)
+    assert now["finished"] == 3 and now["running"] == 0
+
+
+def test_two_machines_share_one_postgresql_study_and_stop_at_n_in_total(small_root, tmp_path):
+    name = f"two-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path, small_root, name=name, n_trials=5)
+    try:
+        runs = [hpo_run(spec, POSTGRES, "--workers", "1", cwd=tmp_path) for _ in range(2)]
+        results = [finish(r) for r in runs]
+        assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
+        study = load(POSTGRES, name)
+        now = counts(study)
+        assert now["finished"] == 5 and now["running"] == 0
+        assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    finally:
+        optuna.delete_study(study_name=name, storage=open_storage(POSTGRES))
+
+
+def test_ctrl_c_leaves_no_trial_running(small_root, tmp_path):
+    spec = write_spec(tmp_path, small_root, epochs=[30], n_trials=4, pruner={"name": "none"})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    run = hpo_run(spec, storage, "--workers", "2", cwd=tmp_path)
+    victim = wait_for_running_trial(storage, min_epoch=1)
+    run.send_signal(signal.SIGINT)
+    code, out, err = finish(run, timeout=120)
+    assert code == 130 and "re-run the same command" in err and "Traceback" not in err
+    study = load(storage)
+    assert counts(study)["running"] == 0
+    assert study.trials[victim.number].state == optuna.trial.TrialState.FAIL
+    assert "interrupted" in study.trials[victim.number].user_attrs["fail_reason"]
+
+
+def run_in_process(capsys, *argv):
+    from hpo.run import main
+
+    with pytest.raises(SystemExit) as exit_:
+        run_main(main, list(argv))
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_bad_input_is_one_clear_error_and_exit_2(small_root, tmp_path, capsys):
+    code, err = run_in_process(capsys, "--study", "nosuch")
+    assert code == 2 and "unknown study 'nosuch'; available: demo, mask" in err
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("study: [x\n")
+    code, err = run_in_process(capsys, "--study", str(bad_yaml))
+    assert code == 2 and "invalid YAML" in err
+    spec = yaml.safe_load(write_spec(tmp_path, small_root).read_text())
+    for key, entry, message in [
+        ("optim.lrr", {"type": "float", "low": 1, "high": 2}, "unknown config key 'optim.lrr'"),
+        ("loss.name", {"type": "categorical", "choices": ["dice"]}, "invalid choice 'dice'"),
+    ]:
+        path = tmp_path / "space.yaml"
+        path.write_text(yaml.safe_dump({**spec, "space": {key: entry}, "enqueue": []}))
+        code, err = run_in_process(capsys, "--study", str(path))
+        assert code == 2 and message in err, err
+    good = write_spec(tmp_path, small_root)
+    code, err = run_in_process(
+        capsys, "--study", str(good), "--storage", "postgresql+psycopg://u:secret@127.0.0.1:1/x"
+    )
+    assert code == 2 and "cannot use storage" in err and "secret" not in err
+    code, err = run_in_process(
+        capsys, "--study", str(good), "--gpus", "0", "--storage", f"sqlite:///{tmp_path / 's.db'}"
+    )
+    assert code == 2 and "GPU 0 is not there" in err
+    assert "Traceback" not in err

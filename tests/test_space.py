@@ -1,0 +1,123 @@
+import optuna
+import pytest
+
+from hpo import spec as specs
+from hpo.space import check_recipe, parse, suggest
+from maskcls.errors import UserError
+
+SPACE = {
+    "loss.name": {"type": "categorical", "choices": ["ce", "focal"]},
+    "loss.gamma": {"type": "float", "low": 0.5, "high": 3.0, "when": {"loss.name": "focal"}},
+    "data.image_size": {"type": "categorical", "choices": [[64, 48], [32, 24]]},
+    "train.batch_size": {"type": "int", "low": 8, "high": 64, "step": 8},
+    "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+}
+
+
+def test_conditional_parameters_and_tuple_values():
+    params = parse(SPACE)
+    focal = suggest(
+        optuna.trial.FixedTrial(
+            {
+                "loss.name": "focal",
+                "loss.gamma": 2.0,
+                "data.image_size": "32x24",
+                "train.batch_size": 16,
+                "optim.lr": 0.01,
+            }
+        ),
+        params,
+    )
+    assert focal == {
+        "loss.name": "focal",
+        "loss.gamma": 2.0,
+        "data.image_size": [32, 24],
+        "train.batch_size": 16,
+        "optim.lr": 0.01,
+    }
+    ce = suggest(
+        optuna.trial.FixedTrial(
+            {"loss.name": "ce", "data.image_size": "64x48", "train.batch_size": 8, "optim.lr": 0.001}
+        ),
+        params,
+    )
+    assert "loss.gamma" not in ce
+    study = optuna.create_study()
+    for _ in range(20):
+        trial = study.ask()
+        chosen = suggest(trial, params)
+        assert ("loss.gamma" in chosen) == (chosen["loss.name"] == "focal")
+        study.tell(trial, 0.0)
+
+
+@pytest.mark.parametrize(
+    "space,message",
+    [
+        ({"optim.lrr": {"type": "float", "low": 1, "high": 2}}, "unknown config key 'optim.lrr'"),
+        (
+            {"loss.name": {"type": "categorical", "choices": ["ce", "dice"]}},
+            "invalid choice 'dice'; valid choices: ce",
+        ),
+        ({"optim.lr": {"type": "float", "low": 1, "high": 0.1}}, "low must be below high"),
+        (
+            {"optim.lr": {"type": "uniform", "low": 1, "high": 2}},
+            "type must be one of float, int, categorical",
+        ),
+        (
+            {"loss.gamma": {"type": "float", "low": 1, "high": 2, "when": {"loss.name": "focal"}}},
+            "must be a categorical parameter listed before it",
+        ),
+        (
+            {
+                "loss.name": {"type": "categorical", "choices": ["ce"]},
+                "loss.gamma": {"type": "float", "low": 1, "high": 2, "when": {"loss.name": "focall"}},
+            },
+            "'focall' is not a choice of loss.name",
+        ),
+        ({"model.name": {"type": "float", "low": 1, "high": 2}}, "model.name: expected str"),
+    ],
+)
+def test_bad_spaces_name_the_problem(space, message):
+    with pytest.raises(UserError, match=message):
+        parse(space)
+
+
+def test_enqueue_recipes_are_checked():
+    params = parse(SPACE)
+    assert check_recipe({"data.image_size": [64, 48], "optim.lr": "3e-3"}, params, "e") == {
+        "data.image_size": "64x48",
+        "optim.lr": 0.003,
+    }
+    with pytest.raises(UserError, match="not in the space"):
+        check_recipe({"optim.name": "sgd"}, params, "e")
+    with pytest.raises(UserError, match="outside"):
+        check_recipe({"optim.lr": 5.0}, params, "e")
+
+
+def test_shipped_specs_load():
+    assert {"demo", "mask"} <= set(specs.available())
+    mask = specs.load("mask")
+    assert mask.n_trials == 100 and mask.base.train.epochs == 12
+    tuned = {p.path for p in mask.params}
+    assert {
+        "model.name",
+        "optim.lr",
+        "optim.weight_decay",
+        "optim.name",
+        "train.batch_size",
+        "data.image_size",
+        "sampler.name",
+        "sampler.power",
+        "loss.name",
+        "loss.gamma",
+        "schedule.name",
+        "schedule.warmup_epochs",
+        "augment.policy",
+        "augment.cutmix_p",
+        "augment.mixup_p",
+        "model.head",
+        "data.old_age",
+    } <= tuned
+    assert mask.enqueue and isinstance(mask.make_pruner(), optuna.pruners.HyperbandPruner)
+    a, b = mask.make_sampler("host:1"), mask.make_sampler("host:2")
+    assert a._rng.rng.random() != b._rng.rng.random()  # workers draw different points
