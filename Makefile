@@ -13,9 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-demo: setup  ## make the stand-in data set (300 people) and check it
-	test -d runs/demo/data || $(BIN)/python -m maskcls.data.synth runs/demo/data --people 300 --eval-people 100 --size 96x128
-	$(BIN)/python -m maskcls.data.check runs/demo/data
+demo: setup  ## the demo study end to end: stand-in data, 2 CPU workers, summary and dashboard command
+	$(BIN)/python -m hpo.run --study demo --workers 2
 
 test: setup  ## the whole suite, as CI runs it
 	$(BIN)/ruff check maskcls hpo tests bench

@@ -7,7 +7,9 @@ attrs, with no training in between, so the storage itself is the bottleneck.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -34,11 +36,12 @@ def _fake_objective(reports: int):
     return objective
 
 
-def _worker(url: str, study_name: str, tuned: bool, trials: int, reports: int, queue: mp.Queue) -> None:
+def _worker(url: str, study_name: str, tuned: bool, trials: int, reports: int, queue, ready) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     errors = []
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(url, tuned=tuned))
+        ready.wait()  # all processes start together, after their imports
         for _ in range(trials):
             try:
                 study.optimize(_fake_objective(reports), n_trials=1)
@@ -55,17 +58,23 @@ def hammer(
     """Create the study, run `processes` processes at once, and collect every error they saw."""
     optuna.create_study(study_name=study_name, storage=open_storage(url, tuned=tuned), direction="maximize")
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, ready = ctx.Queue(), ctx.Barrier(processes + 1)
     procs = [
-        ctx.Process(target=_worker, args=(url, study_name, tuned, trials, reports, queue))
+        ctx.Process(target=_worker, args=(url, study_name, tuned, trials, reports, queue, ready))
         for _ in range(processes)
     ]
-    start = time.perf_counter()
     for p in procs:
         p.start()
-    errors = [e for _ in procs for e in queue.get(timeout=600)]
+    # The clock starts when every process has loaded the study. A process that died before it was
+    # ready breaks the barrier; its exit code is reported below.
+    with contextlib.suppress(threading.BrokenBarrierError):
+        ready.wait(timeout=300)
+    start = time.perf_counter()
     for p in procs:
-        p.join()
+        p.join(timeout=600)
     seconds = time.perf_counter() - start
+    errors = []
+    while not queue.empty():
+        errors += queue.get()
     errors += [f"process exited with {p.exitcode}" for p in procs if p.exitcode != 0]
     return StressResult(seconds, errors)
