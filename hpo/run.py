@@ -116,7 +116,11 @@ class Dispatcher:
         progress: bool,
     ):
         self.spec, self.url, self.target, self.slots = spec, url, target, slots
-        self.artifacts, self.deadline, self.progress = artifacts, deadline, progress
+        self.artifacts, self.deadline = artifacts, deadline
+        # Live bars on a terminal; in a log file (CI, nohup) one plain line per change instead.
+        self.bars = progress and sys.stderr.isatty()
+        self.lines = progress and not self.bars
+        self.last_line = ""
         self.study = optuna.load_study(study_name=spec.name, storage=open_storage(url, spec.heartbeat))
         self.log_dir = spec.runs_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -181,12 +185,12 @@ class Dispatcher:
             total=self.target,
             desc=f"{self.spec.name}",
             unit="trial",
-            disable=not self.progress,
+            disable=not self.bars,
             position=0,
             dynamic_ncols=True,
         )
         for i, slot in enumerate(self.slots, start=1):
-            slot.bar = tqdm(total=0, bar_format="{desc}", position=i, disable=not self.progress)
+            slot.bar = tqdm(total=0, bar_format="{desc}", position=i, disable=not self.bars)
         try:
             while not all(s.done for s in self.slots):
                 code = self.check_workers()
