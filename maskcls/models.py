@@ -62,3 +62,19 @@ def build(cfg: ModelConfig) -> Classifier:
         options = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
     backbone = timm.create_model(cfg.name, num_classes=0, **options)
     return Classifier(backbone, cfg.head, cfg.dropout, cfg.dropout_samples)
+
+
+class Ensemble(nn.Module):
+    """One or more classifiers whose probabilities are averaged (k-fold models vote softly).
+
+    Returns log-probabilities, so softmax of the output is the mean of the members' probabilities;
+    a single model is an ensemble of one, and every saved model has this one format.
+    """
+
+    def __init__(self, members: list[Classifier]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([F.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
+        return probs.clamp_min(1e-12).log()

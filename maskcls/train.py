@@ -27,14 +27,14 @@ from tqdm import tqdm
 
 from maskcls import losses, models
 from maskcls.cli import run_main
-from maskcls.config import TrainConfig, load, parse_overrides
+from maskcls.config import MEAN, STD, TrainConfig, load, parse_overrides
 from maskcls.data import cache
 from maskcls.data.augment import mix
 from maskcls.data.batches import DeviceImages, albumentations_batches, device_batches, epoch_indices
 from maskcls.data.layout import scan
 from maskcls.data.split import holdout, kfold
 from maskcls.errors import UserError
-from maskcls.labels import NUM_CLASSES, AgeCutoffs, age_band, encode
+from maskcls.labels import NUM_CLASSES, AgeCutoffs, age_band, class_name, encode
 from maskcls.metrics import macro_f1, per_class_f1
 from maskcls.optim import build_optimizer, build_schedule
 from maskcls.runtime import configure_cpu
@@ -298,12 +298,40 @@ def write_json(path: Path, value) -> None:
     _write_atomic(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
 
 
-def save_run(out: str | Path, cfg: TrainConfig, result: FitResult) -> Path:
+def preprocessing(cfg: TrainConfig) -> dict:
+    """What a deployment must do to a photo before the model sees it."""
+    return {
+        "image_size": list(cfg.data.image_size),
+        "center_crop": cfg.data.center_crop,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "input": "RGB, centre crop, bilinear resize to image_size [H, W], scale to [0, 1], "
+        "subtract mean and divide by std per channel; float32 [batch, 3, H, W]",
+    }
+
+
+def write_model_dir(out: str | Path, cfg: TrainConfig, members: list[models.Classifier]) -> Path:
+    """model.safetensors (an Ensemble of `members`) and config.json (TrainConfig, classes, preprocessing)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+    ensemble = models.Ensemble(members)
+    state = {k: v.detach().cpu().contiguous() for k, v in ensemble.state_dict().items()}
     _write_atomic(out / "model.safetensors", lambda p: save_file(state, str(p)))
-    write_json(out / "config.json", cfg.to_dict())
+    cutoffs = AgeCutoffs()
+    write_json(
+        out / "config.json",
+        {
+            "train_config": cfg.to_dict(),
+            "members": len(members),
+            "classes": {str(c): class_name(c, cutoffs) for c in range(NUM_CLASSES)},
+            "preprocessing": preprocessing(cfg),
+        },
+    )
+    return out
+
+
+def save_run(out: str | Path, cfg: TrainConfig, result: FitResult) -> Path:
+    out = write_model_dir(out, cfg, [result.model])
     write_json(
         out / "metrics.json",
         {
@@ -318,9 +346,7 @@ def save_run(out: str | Path, cfg: TrainConfig, result: FitResult) -> Path:
     return out
 
 
-def load_run(
-    run_dir: str | Path, device: torch.device | str = "cpu"
-) -> tuple[TrainConfig, models.Classifier]:
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, models.Ensemble]:
     """The config and model of a run or export directory (weights only, never pickled code)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "model.safetensors").is_file():
@@ -328,10 +354,14 @@ def load_run(
             f"{run_dir}: not a run or export directory (expected config.json and model.safetensors)"
         )
     try:
-        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{run_dir / 'config.json'}: not valid JSON ({err})") from None
-    model = models.build(cfg.model)
+        saved = json.loads((run_dir / "config.json").read_text())
+        cfg = TrainConfig.from_dict(saved["train_config"])
+        members = int(saved["members"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"{run_dir / 'config.json'}: not a model config written by this project ({err})"
+        ) from None
+    model = models.Ensemble([models.build(cfg.model) for _ in range(members)])
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     return cfg, model.to(device).eval()
 

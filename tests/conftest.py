@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import finish, hpo_run, write_spec
 
 from maskcls.data.synth import generate
 
@@ -68,3 +69,16 @@ def tiny_cfg(small_root, tmp_path):
             "optim.lr": 3e-3,
         },
     )
+
+
+@pytest.fixture(scope="session")
+def finished_study(small_root, tmp_path_factory):
+    """A 5-trial study run by `hpo.run` with 2 workers on SQLite."""
+    tmp = tmp_path_factory.mktemp("run")
+    spec = write_spec(tmp, small_root)
+    storage = f"sqlite:///{tmp / 'study.db'}"
+    code, out, err = finish(
+        hpo_run(spec, storage, "--workers", "2", "--artifacts", str(tmp / "artifacts"), cwd=tmp)
+    )
+    assert code == 0, err
+    return tmp, spec, storage, out

@@ -13,97 +13,13 @@ import uuid
 import optuna
 import pytest
 import yaml
+from helpers import finish, hpo_run, load, wait_for_running_trial, write_spec
 
 from hpo.storage import counts, open_storage
 from maskcls.cli import run_main
 
 pytestmark = pytest.mark.slow
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-# Trials of 1 epoch complete; trials of more epochs are pruned at epoch 2 by the threshold pruner.
-# So every study below holds both states, deterministically.
-EPOCH_CHOICES = [1, 3]
-
-
-def write_spec(tmp_path, root, name="t", epochs=EPOCH_CHOICES, **extra):
-    spec = {
-        "study": name,
-        "data": {"root": str(root)},
-        "n_trials": 5,
-        "fixed": {
-            "model.name": "mobilenetv3_small_050",
-            "data.image_size": [32, 24],
-            "train.batch_size": 16,
-            "data.val_ratio": 0.3,
-            "data.cache_dir": str(tmp_path / "cache"),
-        },
-        "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
-        "pruner": {"name": "threshold", "lower": 1.01, "n_warmup_steps": 2},
-        "space": {
-            "optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-            "train.epochs": {"type": "categorical", "choices": epochs},
-        },
-        "enqueue": [
-            {"train.epochs": epochs[0], "optim.lr": 3e-3},
-            {"train.epochs": epochs[-1], "optim.lr": 3e-3},
-        ],
-        "heartbeat": {"interval": 1, "grace": 4, "max_retry": 2},
-        **extra,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def hpo_run(spec, storage, *args, **popen):
-    command = [
-        sys.executable,
-        "-m",
-        "hpo.run",
-        "--study",
-        str(spec),
-        "--storage",
-        storage,
-        "--no-progress",
-        *args,
-    ]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def finish(proc, timeout=300):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
-def load(storage, name="t"):
-    return optuna.load_study(study_name=name, storage=open_storage(storage))
-
-
-def wait_for_running_trial(storage, name="t", min_epoch=1, timeout=120):
-    """The first RUNNING trial that has reported at least `min_epoch` epochs."""
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            running = load(storage, name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
-        except KeyError:
-            running = []
-        for trial in running:
-            if len(trial.intermediate_values) >= min_epoch and "worker" in trial.user_attrs:
-                return trial
-        time.sleep(0.3)
-    raise AssertionError("no trial reached the expected epoch in time")
-
-
-@pytest.fixture(scope="module")
-def finished_study(small_root, tmp_path_factory):
-    """A 5-trial study run by `hpo.run` with 2 workers on SQLite."""
-    tmp = tmp_path_factory.mktemp("run")
-    spec = write_spec(tmp, small_root)
-    storage = f"sqlite:///{tmp / 'study.db'}"
-    code, out, err = finish(
-        hpo_run(spec, storage, "--workers", "2", "--artifacts", str(tmp / "artifacts"), cwd=tmp)
-    )
-    assert code == 0, err
-    return tmp, spec, storage, out
 
 
 def test_two_workers_reach_exactly_n_with_reports_and_pruning(finished_study):

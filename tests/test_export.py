@@ -1,0 +1,158 @@
+"""hpo.export-best end to end on the finished test study: retrain, export, check, predict."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from hpo.storage import open_storage
+from maskcls.data import cache
+from maskcls.data.augment import to_input
+from maskcls.data.layout import scan_eval
+from maskcls.metrics import macro_f1
+from maskcls.train import load_run
+
+pytestmark = pytest.mark.slow
+
+
+def export_best(tmp, spec, storage, *args):
+    command = [
+        sys.executable,
+        "-m",
+        "hpo.export-best",
+        "--study",
+        str(spec),
+        "--storage",
+        storage,
+        "--artifacts",
+        str(tmp / "artifacts"),
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp)
+
+
+def onnx_vs_torch(export_dir, root):
+    """An independent check in this process: both runtimes on every eval image."""
+    cfg, model = load_run(export_dir)
+    images = cache.build(
+        list(scan_eval(root)["path"]), cfg.data.image_size, cfg.data.cache_dir, progress=False
+    )
+    x = to_input(torch.from_numpy(np.array(images)), channels_last=False)
+    with torch.no_grad():
+        expected = torch.softmax(model(x), 1).numpy()
+    session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x.numpy()})[0]
+    return expected, got
+
+
+@pytest.fixture(scope="module")
+def exported(finished_study):
+    tmp, spec, storage, _ = finished_study
+    done = export_best(tmp, spec, storage, "--out", str(tmp / "export"))
+    assert done.returncode == 0, done.stderr
+    return tmp, spec, storage, tmp / "export"
+
+
+def test_export_runs_in_a_fresh_process_and_onnx_agrees(exported, small_root):
+    tmp, spec, storage, out = exported
+    assert {
+        "model.safetensors",
+        "config.json",
+        "model.onnx",
+        "report.md",
+        "submission.csv",
+        "metrics.json",
+        "confusion_matrix.png",
+    } <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["members"] == 1 and config["classes"]["17"] == "not_wear/female/60+"
+    assert config["preprocessing"]["image_size"] == [32, 24] and len(config["preprocessing"]["mean"]) == 3
+    expected, got = onnx_vs_torch(out, small_root)
+    assert (expected.argmax(1) == got.argmax(1)).all()
+    assert np.abs(expected - got).max() < 1e-4
+
+    predicted = tmp / "fresh.csv"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maskcls.predict",
+            str(out),
+            "--eval-dir",
+            str(small_root),
+            "--out",
+            str(predicted),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp,
+    )
+    assert run.returncode == 0, run.stderr
+    info = pd.read_csv(small_root / "eval" / "info.csv")
+    for path in (predicted, out / "submission.csv"):
+        sub = pd.read_csv(path)
+        assert list(sub["ImageID"]) == list(info["ImageID"]) and sub["ans"].between(0, 17).all()
+    assert pd.read_csv(predicted).equals(pd.read_csv(out / "submission.csv"))  # the export alone suffices
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    gt = pd.read_csv(small_root / "eval" / "gt.csv")["ans"].to_numpy()
+    score = macro_f1(gt, pd.read_csv(out / "submission.csv")["ans"].to_numpy())
+    assert metrics["eval_macro_f1"] == pytest.approx(score)
+    assert f"| submission vs eval/gt.csv | {score:.4f} |" in (out / "report.md").read_text()
+    study = optuna.load_study(study_name="t", storage=open_storage(storage))
+    assert study.user_attrs["export"]["trial"] == study.best_trial.number
+    assert list((tmp / "artifacts").rglob("*"))  # the zipped export is a study artifact
+
+
+def test_holdout_reproduces_the_trials_validation_f1(exported):
+    tmp, spec, storage, _ = exported
+    done = export_best(tmp, spec, storage, "--holdout", "--out", str(tmp / "holdout"))
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp / "holdout" / "metrics.json").read_text())
+    print(f"trial {metrics['trial_value']:.6f} vs holdout retrain {metrics['val_macro_f1']:.6f}")
+    # Same seed, same split, same CPU code path: only the thread count differs (1 in a worker,
+    # 2 here), which reorders float sums; measured differences are in the note.
+    assert abs(metrics["val_macro_f1"] - metrics["trial_value"]) <= 0.02
+
+
+def test_folds_export_an_ensemble_that_onnx_reproduces(exported, small_root):
+    tmp, spec, storage, _ = exported
+    done = export_best(tmp, spec, storage, "--folds", "3", "--out", str(tmp / "folds"))
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp / "folds" / "config.json").read_text())
+    assert config["members"] == 3
+    metrics = json.loads((tmp / "folds" / "metrics.json").read_text())
+    assert len(metrics["fold_macro_f1"]) == 3 and 0 <= metrics["val_macro_f1"] <= 1
+    expected, got = onnx_vs_torch(tmp / "folds", small_root)
+    assert (expected.argmax(1) == got.argmax(1)).all() and np.abs(expected - got).max() < 1e-4
+
+
+def test_bad_input_is_one_clear_error_exit_2_and_nothing_half_written(exported, tmp_path):
+    tmp, spec, storage, out = exported
+    checks = [
+        (("--trial", "999", "--out", str(tmp_path / "a")), "trial 999 does not exist"),
+        (("--out", str(out)), "exists and is not empty; pass --force"),
+    ]
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    optuna.create_study(study_name="t", storage=open_storage(empty))
+    for args, message in checks:
+        done = export_best(tmp, spec, storage, *args)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    done = export_best(tmp, spec, empty, "--out", str(tmp_path / "b"))
+    assert done.returncode == 2 and "has no finished trial yet" in done.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".export")]  # no temporary leftovers
+    not_export = subprocess.run(
+        [sys.executable, "-m", "maskcls.predict", str(tmp_path), "--eval-dir", str(tmp)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert not_export.returncode == 2 and "not a run or export directory" in not_export.stderr
