@@ -89,6 +89,7 @@ def make_objective(
             "device", str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
         )
         trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("threads", torch.get_num_threads())  # export --holdout reproduces with it
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
