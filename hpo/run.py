@@ -356,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pruner=spec.make_pruner(),
         load_if_exists=True,
     )
+    study.set_metric_names([specs.METRIC])  # the dashboard's axes say val_macro_f1, not "Objective 0"
     for recipe in spec.enqueue:
         study.enqueue_trial(recipe, skip_if_exists=True)
     prepare_data(spec)

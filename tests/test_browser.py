@@ -1,0 +1,97 @@
+"""optuna-dashboard in a real headless Chromium: the finished study and its trials render."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=20000",
+    "--window-size=1400,1800",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium, installed by the test set-up when it is missing (CI machines start bare)."""
+    if shutil.which("chromium") is None:
+        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env, timeout=900)
+    return shutil.which("chromium")
+
+
+@pytest.fixture
+def dashboard(finished_study):
+    tmp, spec, storage, _ = finished_study
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hpo.dashboard",
+            "--study",
+            str(spec),
+            "--storage",
+            storage,
+            "--artifacts",
+            str(tmp / "artifacts"),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp,
+    )
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=2))
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("the dashboard did not answer")
+    study_id = next(s["study_id"] for s in studies["study_summaries"] if s["study_name"] == "t")
+    yield tmp, f"{base}/dashboard/studies/{study_id}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_the_study_renders_in_headless_chromium(chromium, dashboard):
+    tmp, url = dashboard
+    dom = subprocess.run(
+        [chromium, *FLAGS, f"--user-data-dir={tmp / 'chromium-dom'}", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
+    for text in ("t (id=", "History", "Best Trial", "val_macro_f1", "Intermediate values", "Timeline"):
+        assert text in dom, f"{text!r} is not on the rendered page"
+    assert "trial #4" in dom  # every one of the 5 trials is drawn
+    screenshot = Path(tmp) / "dashboard.png"
+    subprocess.run(
+        [chromium, *FLAGS, f"--user-data-dir={tmp / 'chromium-shot'}", f"--screenshot={screenshot}", url],
+        capture_output=True,
+        timeout=180,
+    )
+    assert screenshot.stat().st_size > 20_000 and screenshot.read_bytes().startswith(b"\x89PNG")
+    print(f"dashboard screenshot: {screenshot}")
