@@ -17,6 +17,7 @@ from helpers import finish, hpo_run, load, wait_for_running_trial, write_spec
 
 from hpo.storage import counts, open_storage
 from maskcls.cli import run_main
+from maskcls.errors import UserError
 
 pytestmark = pytest.mark.slow
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -209,3 +210,26 @@ def test_bad_input_is_one_clear_error_and_exit_2(small_root, tmp_path, capsys):
     )
     assert code == 2 and "GPU 0 is not there" in err
     assert "Traceback" not in err
+
+
+def test_timeout_stops_starting_trials_and_leaves_none_running(small_root, tmp_path):
+    spec = write_spec(tmp_path, small_root, epochs=[2], n_trials=50, pruner={"name": "none"})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    code, out, err = finish(hpo_run(spec, storage, "--workers", "2", "--timeout", "15", cwd=tmp_path))
+    assert code == 0, err
+    now = counts(load(storage))
+    assert 0 < now["finished"] < 50 and now["running"] == 0
+
+
+def test_gpu_slots_pin_one_device_each(monkeypatch):
+    """No GPU on this machine: the CUDA device count is faked to check how slots are laid out."""
+    from hpo.run import gpu_slots
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    slots = gpu_slots(None, per_gpu=2, workers=None)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "0", "1", "1"]
+    assert all(s.device == "cuda" for s in slots)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots("1", 1, None)] == ["1"]
+    assert [s.device for s in gpu_slots(None, 1, workers=3)] == ["cpu"] * 3  # --workers means CPU workers
+    with pytest.raises(UserError, match="GPU 2 is not there; this machine has GPUs 0-1"):
+        gpu_slots("0,2", 1, None)
