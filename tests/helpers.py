@@ -81,3 +81,14 @@ def wait_for_running_trial(storage, name="t", min_epoch=1, timeout=120):
                 return trial
         time.sleep(0.3)
     raise AssertionError("no trial reached the expected epoch in time")
+
+
+def debian_tool(name: str, package: str) -> str:
+    """Path of a command from Debian's packages, installed first when missing (CI machines start bare)."""
+    import shutil
+
+    if shutil.which(name) is None:
+        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, env=env, timeout=900)
+    return shutil.which(name)

@@ -1,7 +1,6 @@
 """optuna-dashboard in a real headless Chromium: the finished study and its trials render."""
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import debian_tool
 
 pytestmark = pytest.mark.slow
 FLAGS = [
@@ -28,12 +28,7 @@ FLAGS = [
 
 @pytest.fixture(scope="session")
 def chromium():
-    """Debian's chromium, installed by the test set-up when it is missing (CI machines start bare)."""
-    if shutil.which("chromium") is None:
-        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env, timeout=900)
-    return shutil.which("chromium")
+    return debian_tool("chromium", "chromium")
 
 
 @pytest.fixture

@@ -1,23 +1,17 @@
 """The compose file validates; no Docker engine runs here, so images are not built in tests."""
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import debian_tool
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 
 
 def test_compose_file_validates_with_docker_compose(tmp_path):
-    tool = shutil.which("docker-compose")
-    if tool is None:
-        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "docker-compose"], check=True, env=env, timeout=900
-        )
-        tool = shutil.which("docker-compose")
+    tool = debian_tool("docker-compose", "docker-compose")  # the v2 plugin is not packaged for Debian 12
     env_file = tmp_path / ".env"
     env_file.write_text((DOCKER / "example.env").read_text())
     done = subprocess.run(
