@@ -155,3 +155,30 @@ def test_bad_input_is_one_clear_error_exit_2_and_nothing_half_written(exported, 
         timeout=120,
     )
     assert not_export.returncode == 2 and "not a run or export directory" in not_export.stderr
+
+
+def test_config_preprocessing_alone_reproduces_the_model_outside_the_project(exported, small_root):
+    """A deployment with PIL, numpy and onnxruntime only (the README's recipe) gets our probabilities."""
+    from PIL import Image
+
+    tmp, spec, storage, out = exported
+    pre = json.loads((out / "config.json").read_text())["preprocessing"]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    paths = list(scan_eval(small_root)["path"])
+    expected, _ = onnx_vs_torch(out, small_root)
+    for path, want in zip(paths, expected, strict=True):
+        img = Image.open(path).convert("RGB")
+        w0, h0, c = *img.size, pre["center_crop"]
+        img = img.crop(
+            (
+                round(w0 * (1 - c) / 2),
+                round(h0 * (1 - c) / 2),
+                round(w0 * (1 + c) / 2),
+                round(h0 * (1 + c) / 2),
+            )
+        )
+        h, w = pre["image_size"]
+        x = np.asarray(img.resize((w, h), Image.BILINEAR), np.float32) / 255
+        x = ((x - pre["mean"]) / pre["std"]).transpose(2, 0, 1)[None].astype(np.float32)
+        got = session.run(["probabilities"], {"image": x})[0][0]
+        assert np.abs(got - want).max() < 1e-4

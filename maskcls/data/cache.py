@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from maskcls.errors import DataError
 
-VERSION = 1  # bump when the preprocessing below changes
+VERSION = 2  # bump when the preprocessing below changes
 
 
 def fingerprint(paths: Sequence[str], size: tuple[int, int], center_crop: float) -> str:
@@ -35,10 +35,13 @@ def fingerprint(paths: Sequence[str], size: tuple[int, int], center_crop: float)
 
 
 def load_image(path: str, size: tuple[int, int], center_crop: float = 1.0) -> np.ndarray:
-    """One photo as uint8 [H, W, 3]: the central `center_crop` share of it, resized to `size` [H, W]."""
+    """One photo as uint8 [H, W, 3]: the central `center_crop` share of it, resized to `size` [H, W].
+
+    Exactly the preprocessing written in an export's config.json: full decode, centre crop,
+    bilinear resize. (JPEG draft decoding would be faster but cannot be reproduced outside PIL.)
+    """
     height, width = size
     with Image.open(path) as img:
-        img.draft("RGB", (width, height))  # JPEG: decode at a reduced scale when that is enough
         img = img.convert("RGB")
         if center_crop < 1:
             w, h = img.size
@@ -46,7 +49,7 @@ def load_image(path: str, size: tuple[int, int], center_crop: float = 1.0) -> np
             img = img.crop(
                 (round((w - cw) / 2), round((h - ch) / 2), round((w + cw) / 2), round((h + ch) / 2))
             )
-        return np.asarray(img.resize((width, height), Image.BILINEAR, reducing_gap=2.0))
+        return np.asarray(img.resize((width, height), Image.BILINEAR))
 
 
 def build(
