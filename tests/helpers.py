@@ -1,8 +1,13 @@
 """Helpers for tests that run the search service in real processes."""
 
+import contextlib
+import json
+import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import optuna
 import yaml
@@ -92,3 +97,53 @@ def debian_tool(name: str, package: str) -> str:
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
         subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, env=env, timeout=900)
     return shutil.which(name)
+
+
+@contextlib.contextmanager
+def dashboard_server(spec, storage, artifacts, cwd, plain=False):
+    """`hpo.dashboard` (or, with `plain`, the `optuna-dashboard` CLI) on a free loopback port;
+    yields its base URL and the /api/studies answer."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    if plain:
+        tool = os.path.join(os.path.dirname(sys.executable), "optuna-dashboard")
+        command = [
+            tool,
+            storage,
+            "--artifact-dir",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "hpo.dashboard",
+            "--study",
+            str(spec),
+            "--storage",
+            storage,
+            "--artifacts",
+            str(artifacts),
+            "--port",
+            str(port),
+        ]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                yield base, json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=2))
+                return
+            except OSError:
+                if server.poll() is not None:
+                    raise AssertionError(f"the dashboard exited: {server.stderr.read()}") from None
+                time.sleep(0.2)
+        raise AssertionError("the dashboard did not answer in 30 s")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -1,15 +1,10 @@
 """optuna-dashboard in a real headless Chromium: the finished study and its trials render."""
 
-import json
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import debian_tool
+from helpers import dashboard_server, debian_tool
 
 pytestmark = pytest.mark.slow
 FLAGS = [
@@ -34,41 +29,9 @@ def chromium():
 @pytest.fixture
 def dashboard(finished_study):
     tmp, spec, storage, _ = finished_study
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hpo.dashboard",
-            "--study",
-            str(spec),
-            "--storage",
-            storage,
-            "--artifacts",
-            str(tmp / "artifacts"),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp,
-    )
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=2))
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("the dashboard did not answer")
-    study_id = next(s["study_id"] for s in studies["study_summaries"] if s["study_name"] == "t")
-    yield tmp, f"{base}/dashboard/studies/{study_id}"
-    server.terminate()
-    server.wait(timeout=10)
+    with dashboard_server(spec, storage, tmp / "artifacts", tmp) as (base, studies):
+        study_id = next(s["study_id"] for s in studies["study_summaries"] if s["study_name"] == "t")
+        yield tmp, f"{base}/dashboard/studies/{study_id}"
 
 
 def test_the_study_renders_in_headless_chromium(chromium, dashboard):

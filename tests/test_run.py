@@ -3,17 +3,13 @@
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 import uuid
 
 import optuna
 import pytest
 import yaml
-from helpers import finish, hpo_run, load, wait_for_running_trial, write_spec
+from helpers import dashboard_server, finish, hpo_run, load, wait_for_running_trial, write_spec
 
 from hpo.storage import counts, open_storage
 from maskcls.cli import run_main
@@ -60,55 +56,24 @@ def test_rerunning_a_finished_study_adds_nothing(finished_study):
 
 def test_dashboard_serves_the_study_and_its_artifacts(finished_study):
     tmp, spec, storage, _ = finished_study
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hpo.dashboard",
-            "--study",
-            str(spec),
-            "--storage",
-            storage,
-            "--artifacts",
-            str(tmp / "artifacts"),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        studies = None
-        for _ in range(100):
-            try:
-                studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=2))
-                break
-            except OSError:
-                time.sleep(0.2)
-        assert studies is not None, server.stderr.read() if server.poll() is not None else "no answer"
+    with dashboard_server(spec, storage, tmp / "artifacts", tmp) as (base, studies):
         summary = next(s for s in studies["study_summaries"] if s["study_name"] == "t")
         detail = json.load(urllib.request.urlopen(f"{base}/api/studies/{summary['study_id']}", timeout=5))
         assert len(detail["trials"]) == 5
         complete = next(t for t in detail["trials"] if t["state"] == "Complete")
-        names = {a["filename"]: a for a in complete["artifacts"]}
+        names = {a["filename"]: a["artifact_id"] for a in complete["artifacts"]}
         assert {"learning_curves.png", "confusion_matrix.png", "config.json"} <= set(names)
-        artifact = names["config.json"]
-        url = f"{base}/artifacts/{summary['study_id']}/{complete['trial_id']}/{artifact['artifact_id']}"
-        config = json.load(urllib.request.urlopen(url, timeout=5))
+        trial_url = f"{base}/artifacts/{summary['study_id']}/{complete['trial_id']}"
+        config = json.load(urllib.request.urlopen(f"{trial_url}/{names['config.json']}", timeout=5))
         assert config["model"]["name"] == "mobilenetv3_small_050"
-        png = urllib.request.urlopen(
-            f"{base}/artifacts/{summary['study_id']}/{complete['trial_id']}/{names['learning_curves.png']['artifact_id']}"
-        ).read()
+        png = urllib.request.urlopen(f"{trial_url}/{names['learning_curves.png']}", timeout=5).read()
         assert png.startswith(b"\x89PNG")
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+
+
+def test_the_plain_optuna_dashboard_cli_serves_it_too(finished_study):
+    tmp, spec, storage, _ = finished_study
+    with dashboard_server(spec, storage, tmp / "artifacts", tmp, plain=True) as (base, studies):
+        assert [s["study_name"] for s in studies["study_summaries"]] == ["t"]
 
 
 def test_sigkill_of_one_worker_fails_and_requeues_its_trial(small_root, tmp_path):
