@@ -83,9 +83,10 @@ def _warp(store: torch.Tensor, rows: torch.Tensor, policy: Policy, gen: torch.Ge
         src_y = sin * xs * (w / h) + cos * ys + 2 * shift_y
     else:  # separable: one row index per output row, one column index per output column
         src_x, src_y = mirror * cos * xs + 2 * shift_x, cos * ys + 2 * shift_y
-    col = ((src_x + 1) * (w / 2)).long().clamp_(0, w - 1)
-    row = ((src_y + 1) * (h / 2)).long().clamp_(0, h - 1)
-    base = rows[:, None, None] * (h * w)
+    index = torch.int32 if store.shape[0] * h * w < 2**31 else torch.int64  # int32 is faster, when it fits
+    col = ((src_x + 1) * (w / 2)).to(index).clamp_(0, w - 1)
+    row = ((src_y + 1) * (h / 2)).to(index).clamp_(0, h - 1)
+    base = rows[:, None, None].to(index) * (h * w)
     pixel = ((base + row * w) + col).view(-1)  # broadcast to [n, h, w] only here
     return store.view(-1, 3).index_select(0, pixel).view(n, h, w, 3)
 
@@ -110,7 +111,8 @@ def device_augment(
     grey = ((x[..., 0] + x[..., 1] + x[..., 2]) / 3).unsqueeze(3)  # 7x faster than mean(3) here
     offset = (b * c * (1 - s)) * grey + b * (1 - c) * grey.mean((1, 2), keepdim=True)
     scale, bias = _norm_constants(device)
-    x = x.mul_(b * c * s).add_(offset).clamp_(0, 255).mul_(scale).add_(bias)
+    torch.addcmul(offset, x, b * c * s, out=x).clamp_(0, 255)  # fused multiply-add: one pass each
+    torch.addcmul(bias, x, scale, out=x)
     return _to_nchw(x, channels_last)
 
 
