@@ -82,3 +82,16 @@ def finished_study(small_root, tmp_path_factory):
     )
     assert code == 0, err
     return tmp, spec, storage, out
+
+
+SUMMARY_LINES: list[str] = []  # shown after the run, also for passing tests (CI logs)
+
+
+@pytest.fixture
+def summary_line():
+    return SUMMARY_LINES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SUMMARY_LINES:
+        terminalreporter.write_line(line)

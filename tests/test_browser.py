@@ -34,7 +34,7 @@ def dashboard(finished_study):
         yield tmp, f"{base}/dashboard/studies/{study_id}"
 
 
-def test_the_study_renders_in_headless_chromium(chromium, dashboard):
+def test_the_study_renders_in_headless_chromium(chromium, dashboard, summary_line):
     tmp, url = dashboard
     dom = subprocess.run(
         [chromium, *FLAGS, f"--user-data-dir={tmp / 'chromium-dom'}", "--dump-dom", url],
@@ -52,4 +52,4 @@ def test_the_study_renders_in_headless_chromium(chromium, dashboard):
         timeout=180,
     )
     assert screenshot.stat().st_size > 20_000 and screenshot.read_bytes().startswith(b"\x89PNG")
-    print(f"dashboard screenshot: {screenshot}")
+    summary_line(f"dashboard screenshot (optimization history of the finished test study): {screenshot}")
