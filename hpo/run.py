@@ -101,7 +101,7 @@ def prepare_data(spec: specs.StudySpec) -> None:
                     seed=spec.synth.get("seed", 0),
                     size=(size[0], size[1]),
                 )
-    scan(root, spec.base.data.corrections)  # a data problem stops here, before any worker starts
+    scan(root, spec.base.data.corrections)
 
 
 class Dispatcher:
@@ -342,12 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--workers and --trials-per-gpu must be at least 1")
 
     spec = specs.load(args.study).with_data(args.data)
-    target = args.n_trials or spec.n_trials
+    target = spec.n_trials if args.n_trials is None else args.n_trials
     if target < 1:
-        raise UserError("--n-trials must be at least 1")
+        raise UserError(f"--n-trials must be at least 1, got {target}")
     slots = gpu_slots(args.gpus, args.trials_per_gpu, args.workers)
     url = resolve_url(args.storage, spec)
     storage = open_storage(url, spec.heartbeat)
+    prepare_data(spec)  # a data problem stops here, before anything is written to the storage
     study = optuna.create_study(
         study_name=spec.name,
         storage=storage,
@@ -359,7 +360,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     study.set_metric_names([specs.METRIC])  # the dashboard's axes say val_macro_f1, not "Objective 0"
     for recipe in spec.enqueue:
         study.enqueue_trial(recipe, skip_if_exists=True)
-    prepare_data(spec)
     artifacts = Path(args.artifacts or os.environ.get("HPO_ARTIFACTS") or spec.runs_dir / "artifacts")
     artifacts.mkdir(parents=True, exist_ok=True)
     before = counts(study)
