@@ -174,6 +174,16 @@ def test_bad_input_is_one_clear_error_and_exit_2(small_root, tmp_path, capsys):
         capsys, "--study", str(good), "--gpus", "0", "--storage", f"sqlite:///{tmp_path / 's.db'}"
     )
     assert code == 2 and "GPU 0 is not there" in err
+    code, err = run_in_process(
+        capsys, "--study", str(good), "--n-trials", "0", "--storage", f"sqlite:///{tmp_path / 's.db'}"
+    )
+    assert code == 2 and "--n-trials must be at least 1, got 0" in err
+    nowhere = f"sqlite:///{tmp_path / 'nowhere.db'}"
+    code, err = run_in_process(
+        capsys, "--study", str(good), "--data", str(tmp_path / "no-data"), "--storage", nowhere
+    )
+    assert code == 2 and "data root does not exist" in err
+    assert optuna.get_all_study_names(open_storage(nowhere)) == []  # nothing written to the storage
     assert "Traceback" not in err
 
 
@@ -198,3 +208,26 @@ def test_gpu_slots_pin_one_device_each(monkeypatch):
     assert [s.device for s in gpu_slots(None, 1, workers=3)] == ["cpu"] * 3  # --workers means CPU workers
     with pytest.raises(UserError, match="GPU 2 is not there; this machine has GPUs 0-1"):
         gpu_slots("0,2", 1, None)
+
+
+def test_a_recipe_that_always_fails_stops_the_run_with_its_reasons(small_root, tmp_path):
+    spec = write_spec(
+        tmp_path,
+        small_root,
+        epochs=[1],
+        n_trials=20,
+        pruner={"name": "none"},
+        enqueue=[],
+        space={
+            "optim.lr": {"type": "float", "low": 1e29, "high": 1e30, "log": True},
+            "train.epochs": {"type": "categorical", "choices": [2]},
+        },
+    )
+    data = yaml.safe_load(spec.read_text())
+    data["fixed"].update({"optim.name": "sgd", "train.clip_grad": None, "schedule.warmup_epochs": 0})
+    spec.write_text(yaml.safe_dump(data))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    code, out, err = finish(hpo_run(spec, storage, "--workers", "1", cwd=tmp_path))
+    assert code == 1 and "too many failed trials in a row" in err and "diverged: loss became" in err
+    now = counts(load(storage))
+    assert now["fail"] >= 5 and now["finished"] == 0 and now["running"] == 0
