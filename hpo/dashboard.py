@@ -43,9 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"optuna-dashboard for {masked(url)} on http://{args.host}:{args.port}/ (Ctrl-C stops it)",
         file=sys.stderr,
     )
-    optuna_dashboard.run_server(
-        storage, host=args.host, port=args.port, artifact_store=FileSystemArtifactStore(str(artifacts))
-    )
+    try:
+        optuna_dashboard.run_server(
+            storage, host=args.host, port=args.port, artifact_store=FileSystemArtifactStore(str(artifacts))
+        )
+    except OSError as err:  # the address is taken or cannot be bound
+        raise UserError(
+            f"cannot serve on {args.host}:{args.port}: {err.strerror}; choose another --port"
+        ) from None
     return 0
 
 

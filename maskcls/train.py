@@ -390,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cfg = load(args.config, {**parse_overrides(args.overrides), "data.root": args.data})
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory for the run")
     device = pick_device(args.device)
     configure_cpu()
     data = load_data(cfg)
@@ -403,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Diverged as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
-    out = save_run(args.out, cfg, result)
+    out = save_run(out, cfg, result)
     print(
         f"best val macro-F1 {result.best_val_macro_f1:.4f} at epoch {result.best_epoch} "
         f"({result.stop_reason}); wrote {out}"

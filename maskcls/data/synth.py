@@ -262,8 +262,11 @@ def generate(
     if people < 1 or eval_people < 0:
         raise UserError("--people must be at least 1 and --eval-people at least 0")
     opts = Options(width=size[0], height=size[1])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as err:
+        raise UserError(f"{out}: cannot create it there ({err.strerror})") from None
     try:
         (tmp / "train" / "images").mkdir(parents=True)
         (tmp / "train" / "images" / ".ipynb_checkpoints").mkdir()
