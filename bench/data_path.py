@@ -127,12 +127,14 @@ def main() -> None:
     targets = torch.as_tensor(labels, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def our_path():
-        order = torch.randperm(len(labels))
-        for x, rows in device_batches(on_device, order, args.batch_size, "light", gen):
-            yield x, targets[rows.to(device)]
+    every_row = torch.arange(len(labels), device=device)
 
-    fixed = on_device.inputs(torch.arange(min(len(labels), args.batch_size * 8)))
+    def our_path():
+        order = torch.randperm(len(labels)).to(device)  # one copy per epoch, as in training
+        for x, positions in device_batches(on_device, every_row, order, args.batch_size, "light", gen):
+            yield x, targets[positions]
+
+    fixed = on_device.inputs(every_row[: args.batch_size * 8])
     fixed_y = targets[: len(fixed)]
 
     def preloaded():  # the ceiling: the same step on tensors already on the device, no augmentation

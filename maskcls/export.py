@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskcls.data.augment import to_input
+from maskcls.data.augment import Normalize, to_input
 
 
 class _Probabilities(nn.Module):
@@ -57,10 +57,12 @@ def check_onnx(path: str | Path, model: nn.Module, images: np.ndarray, batch_siz
     """Run uint8 images [N, H, W, 3] through onnxruntime and PyTorch (fp32, CPU) and compare."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     model = _Probabilities(model.cpu().eval())
-    worst, agree = 0.0, 0
+    worst, agree, norm = 0.0, 0, Normalize.on("cpu")
     for start in range(0, len(images), batch_size):
         x = to_input(
-            torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])), channels_last=False
+            torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])),
+            norm,
+            channels_last=False,
         )
         with torch.no_grad():
             expected = model(x).numpy()

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,25 +107,112 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
 
 
+@dataclass(frozen=True)
+class DeviceData:
+    """What a fit keeps on its device, moved there once before the first step."""
+
+    images: DeviceImages  # every image of the table, uint8
+    train_rows: torch.Tensor  # rows of `images` to train on
+    val_rows: torch.Tensor
+    train_targets: torch.Tensor  # one-hot float [n_train, 18] of the training labels
+    val_targets: torch.Tensor  # one-hot float [n_val, 18] of the competition's classes
+
+
+def to_device(data: TrainData, device: torch.device, channels_last: bool) -> DeviceData:
+    def one_hot(labels: np.ndarray) -> torch.Tensor:
+        return F.one_hot(torch.as_tensor(labels, device=device), NUM_CLASSES).float()
+
+    return DeviceData(
+        images=DeviceImages(data.images, device, channels_last),
+        train_rows=torch.as_tensor(data.train_rows, device=device),
+        val_rows=torch.as_tensor(data.val_rows, device=device),
+        train_targets=one_hot(data.table["train_label"].to_numpy()[data.train_rows]),
+        val_targets=one_hot(data.table["label"].to_numpy()[data.val_rows]),
+    )
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The random streams of a fit, all from its seed."""
+
+    order: torch.Generator  # host: each epoch's sample order
+    augment: torch.Generator  # on the device: augmentation, CutMix/Mixup pairings
+    mix: np.random.Generator  # host: whether and how much to mix a batch
+
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> Draws:
+        return cls(
+            torch.Generator().manual_seed(seed),
+            torch.Generator(device=device).manual_seed(seed),
+            np.random.default_rng(seed),
+        )
+
+
+def epoch_batches(
+    cfg: TrainConfig, data: TrainData, on: DeviceData, draws: Draws
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (augmented inputs, soft targets), both on the device.
+
+    The epoch's order is drawn on the host and moved to the device in one copy; after that a
+    batch is an index gather and arithmetic there, so the CPU queues steps without waiting.
+    """
+    labels = data.table["train_label"].to_numpy()[data.train_rows]
+    order = epoch_indices(labels, cfg.sampler, draws.order)
+    order_on_device = order.to(on.images.device)
+    size, policy = cfg.train.batch_size, cfg.augment.policy
+    if cfg.augment.backend == "device":
+        batches = device_batches(on.images, on.train_rows, order_on_device, size, policy, draws.augment)
+    else:
+        batches = albumentations_batches(
+            data.images,
+            data.train_rows,
+            order,
+            order_on_device,
+            size,
+            policy,
+            cfg.train.workers,
+            on.images.norm,
+            on.images.channels_last,
+        )
+    for x, positions in batches:
+        yield mix(x, on.train_targets[positions], cfg.augment, draws.mix, draws.augment)
+
+
 @torch.no_grad()
-def infer(
+def predict_probs(
     model: torch.nn.Module,
     images: DeviceImages,
+    rows: torch.Tensor,
     batch_size: int,
     amp=contextlib.nullcontext,
     tta: bool = False,
-) -> np.ndarray:
-    """Class probabilities [N, 18]; with `tta`, the mean over the image and its mirror."""
+) -> torch.Tensor:
+    """Class probabilities [len(rows), 18] on the device; with `tta`, the mean over the image and
+    its mirror."""
     model.eval()
-    probs = []
-    for rows in torch.arange(len(images)).split(batch_size):
-        x = images.inputs(rows)
+    probs = [torch.zeros((0, NUM_CLASSES), device=images.device)]
+    for batch in rows.split(batch_size):
+        x = images.inputs(batch)
         with amp():
             p = F.softmax(model(x).float(), dim=1)
             if tta:
                 p = (p + F.softmax(model(x.flip(3)).float(), dim=1)) / 2
-        probs.append(p.cpu())
-    return torch.cat(probs).numpy() if probs else np.zeros((0, NUM_CLASSES), np.float32)
+        probs.append(p)
+    return torch.cat(probs)
+
+
+def infer(model: torch.nn.Module, images: DeviceImages, batch_size: int, tta: bool = False) -> np.ndarray:
+    """Class probabilities [N, 18] of every image, on the host."""
+    rows = torch.arange(len(images), device=images.device)
+    return predict_probs(model, images, rows, batch_size, tta=tta).cpu().numpy()
+
+
+def evaluate(
+    model: torch.nn.Module, on: DeviceData, loss_fn: losses.Loss, batch_size: int, amp
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation probabilities [n_val, 18] and loss, both computed and left on the device."""
+    probs = predict_probs(model, on.images, on.val_rows, batch_size, amp)
+    return probs, loss_fn((probs + 1e-12).log(), on.val_targets)
 
 
 def fit(
@@ -137,34 +224,27 @@ def fit(
 ) -> FitResult:
     device = torch.device(device)
     started = time.perf_counter()
-    seed = cfg.data.seed
-    torch.manual_seed(seed)
-    sample_gen = torch.Generator().manual_seed(seed)
-    augment_gen = torch.Generator(device=device).manual_seed(seed)
-    mix_rng = np.random.default_rng(seed)
+    torch.manual_seed(cfg.data.seed)
+    draws = Draws.seeded(cfg.data.seed, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
-    # Model, loss, optimizer and schedule, all from the config.
+    # Model, loss, optimizer and schedule, all from the config; the data moves to the device once.
     model = models.build(cfg.model).to(device, memory_format=memory_format)
     forward = torch.compile(model) if cfg.train.compile else model
+    on = to_device(data, device, cfg.train.channels_last)
     train_labels = data.table["train_label"].to_numpy()[data.train_rows]
     val_labels = data.table["label"].to_numpy()[data.val_rows]
-    train_targets = torch.as_tensor(train_labels, device=device)
     loss_fn = losses.build(cfg.loss, np.bincount(train_labels, minlength=NUM_CLASSES), device)
-    epoch_size = len(epoch_indices(train_labels, cfg.sampler, torch.Generator().manual_seed(seed)))
-    steps_per_epoch = math.ceil(math.ceil(epoch_size / cfg.train.batch_size) / cfg.train.accumulate)
+    epoch_size = len(epoch_indices(train_labels, cfg.sampler, torch.Generator().manual_seed(0)))
+    n_batches = math.ceil(epoch_size / cfg.train.batch_size)
     optimizer = build_optimizer(model, cfg.optim)
-    schedule = build_schedule(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch, cfg.train.epochs)
+    schedule = build_schedule(
+        optimizer, cfg.schedule, cfg.optim.lr, math.ceil(n_batches / cfg.train.accumulate), cfg.train.epochs
+    )
     amp, amp_dtype = autocast(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-    # The images move to the device once; batches are built there by indexing.
-    channels_last = cfg.train.channels_last
-    on_device = cfg.augment.backend == "device"
-    train_images = DeviceImages(data.images[data.train_rows], device, channels_last) if on_device else None
-    val_images = DeviceImages(data.images[data.val_rows], device, channels_last)
 
     history: list[dict] = []
     best = {"epoch": 0, "f1": -1.0, "state": None, "probs": None}
@@ -172,25 +252,8 @@ def fit(
     for epoch in range(1, cfg.train.epochs + 1):
         model.train()
         tick = time.perf_counter()
-        order = epoch_indices(train_labels, cfg.sampler, sample_gen)
-        if on_device:
-            batches = device_batches(
-                train_images, order, cfg.train.batch_size, cfg.augment.policy, augment_gen
-            )
-        else:
-            batches = albumentations_batches(
-                data.images,
-                data.train_rows,
-                order,
-                cfg.train.batch_size,
-                cfg.augment.policy,
-                cfg.train.workers,
-                device,
-                channels_last,
-            )
-        n_batches = math.ceil(len(order) / cfg.train.batch_size)
         bar = tqdm(
-            batches,
+            epoch_batches(cfg, data, on, draws),
             total=n_batches,
             desc=f"epoch {epoch}/{cfg.train.epochs}",
             leave=False,
@@ -198,9 +261,7 @@ def fit(
             unit="batch",
         )
         loss_sum = torch.zeros((), device=device)
-        for step, (x, positions) in enumerate(bar, start=1):
-            targets = F.one_hot(train_targets[positions.to(device)], NUM_CLASSES).float()
-            x, targets = mix(x, targets, cfg.augment, mix_rng, augment_gen)
+        for step, (x, targets) in enumerate(bar, start=1):
             with amp():
                 loss = loss_fn(forward(x), targets)
             scaler.scale(loss / cfg.train.accumulate).backward()
@@ -220,25 +281,22 @@ def fit(
                         "lower optim.lr or set train.clip_grad"
                     )
                 bar.set_postfix(loss=f"{loss_sum.item() / step:.3f}")
-        seen += len(order)
+        seen += epoch_size
         train_seconds += time.perf_counter() - tick
 
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum.item() / n_batches,
             "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": len(order) / (time.perf_counter() - tick),
+            "images_per_s": epoch_size / (time.perf_counter() - tick),
         }
         probs = None
         if len(val_labels):
-            probs = infer(model, val_images, cfg.train.eval_batch_size, amp)
+            val_probs, val_loss = evaluate(model, on, loss_fn, cfg.train.eval_batch_size, amp)
+            probs = val_probs.cpu().numpy()
             predicted = probs.argmax(1)
-            val_loss = loss_fn(
-                torch.as_tensor(np.log(probs + 1e-12)),
-                F.one_hot(torch.as_tensor(val_labels), NUM_CLASSES).float(),
-            ).item()
             metrics.update(
-                val_loss=val_loss,
+                val_loss=val_loss.item(),
                 val_macro_f1=macro_f1(val_labels, predicted),
                 val_accuracy=float((predicted == val_labels).mean()),
                 val_per_class_f1=per_class_f1(val_labels, predicted).round(4).tolist(),

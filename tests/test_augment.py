@@ -5,6 +5,7 @@ import torch
 from maskcls.config import MEAN, STD, AugmentConfig
 from maskcls.data.augment import (
     POLICIES,
+    Normalize,
     Policy,
     _warp,
     albumentations_transform,
@@ -15,6 +16,7 @@ from maskcls.data.augment import (
 
 STORE = torch.randint(0, 256, (10, 16, 12, 3), dtype=torch.uint8)
 ROWS = torch.tensor([3, 1, 4, 1, 5, 9])
+NORM = Normalize.on("cpu")
 
 
 def to_uint8(x):
@@ -24,18 +26,20 @@ def to_uint8(x):
 
 
 def test_to_input_normalises_like_the_formula():
-    x = to_input(STORE[ROWS])
+    x = to_input(STORE[ROWS], NORM)
     expected = (
         STORE[ROWS].permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN)[:, None, None]
     ) / torch.tensor(STD)[:, None, None]
     assert torch.allclose(x, expected, atol=1e-5) and x.shape == (6, 3, 16, 12)
     assert x.is_contiguous(memory_format=torch.channels_last)
-    assert to_input(STORE[ROWS], channels_last=False).is_contiguous()
+    assert to_input(STORE[ROWS], NORM, channels_last=False).is_contiguous()
 
 
 def test_no_policy_is_the_identity_and_flip_is_an_exact_mirror():
     gen = torch.Generator().manual_seed(0)
-    assert torch.equal(to_uint8(device_augment(STORE, ROWS, POLICIES["none"], gen)), STORE[ROWS].float())
+    assert torch.equal(
+        to_uint8(device_augment(STORE, ROWS, POLICIES["none"], gen, NORM)), STORE[ROWS].float()
+    )
     flipped = _warp(STORE, ROWS, Policy(flip=True), gen)
     same = [torch.equal(f, s) for f, s in zip(flipped, STORE[ROWS], strict=True)]
     mirrored = [torch.equal(f, s.flip(1)) for f, s in zip(flipped, STORE[ROWS], strict=True)]
@@ -52,7 +56,7 @@ def test_geometric_policies_keep_source_pixels_and_vary_per_image():
 
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_every_policy_stays_in_the_pixel_range(policy):
-    x = device_augment(STORE, ROWS, POLICIES[policy], torch.Generator().manual_seed(2))
+    x = device_augment(STORE, ROWS, POLICIES[policy], torch.Generator().manual_seed(2), NORM)
     pixels = to_uint8(x)
     assert x.shape == (6, 3, 16, 12) and pixels.min() >= 0 and pixels.max() <= 255
 
@@ -66,7 +70,7 @@ def test_albumentations_backend_uses_the_same_policy_names():
 
 
 def test_cutmix_and_mixup_mix_targets_by_the_kept_share():
-    x = to_input(STORE[ROWS])
+    x = to_input(STORE[ROWS], NORM)
     targets = torch.nn.functional.one_hot(torch.arange(6), 18).float()
     for cfg in (AugmentConfig(cutmix_p=1.0), AugmentConfig(mixup_p=1.0)):
         mixed, soft = mix(x, targets, cfg, np.random.default_rng(0), torch.Generator().manual_seed(0))

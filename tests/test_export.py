@@ -13,7 +13,7 @@ import torch
 
 from hpo.storage import open_storage
 from maskcls.data import cache
-from maskcls.data.augment import to_input
+from maskcls.data.augment import Normalize, to_input
 from maskcls.data.layout import scan_eval
 from maskcls.metrics import macro_f1
 from maskcls.train import load_run
@@ -43,7 +43,7 @@ def onnx_vs_torch(export_dir, root):
     images = cache.build(
         list(scan_eval(root)["path"]), cfg.data.image_size, cfg.data.cache_dir, progress=False
     )
-    x = to_input(torch.from_numpy(np.array(images)), channels_last=False)
+    x = to_input(torch.from_numpy(np.array(images)), Normalize.on("cpu"), channels_last=False)
     with torch.no_grad():
         expected = torch.softmax(model(x), 1).numpy()
     session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])

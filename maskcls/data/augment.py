@@ -40,10 +40,21 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torc
     return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
 
 
-def _norm_constants(device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel scale and bias that map uint8 values straight to normalised floats."""
-    std = torch.tensor(STD, device=device)
-    return 1 / (255 * std), -torch.tensor(MEAN, device=device) / std
+@dataclass(frozen=True)
+class Normalize:
+    """Per-channel scale and bias that map uint8 values straight to normalised floats.
+
+    Made once per device and passed in: building them from Python lists is a host-to-device copy,
+    which on CUDA blocks the CPU until the GPU has caught up, once per batch if done there.
+    """
+
+    scale: torch.Tensor
+    bias: torch.Tensor
+
+    @classmethod
+    def on(cls, device: torch.device | str) -> Normalize:
+        mean, std = torch.tensor(MEAN), torch.tensor(STD)
+        return cls((1 / (255 * std)).to(device), (-mean / std).to(device))
 
 
 def _to_nchw(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -52,10 +63,9 @@ def _to_nchw(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x if channels_last else x.contiguous()
 
 
-def to_input(batch: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+def to_input(batch: torch.Tensor, norm: Normalize, channels_last: bool = True) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] in one fused pass."""
-    scale, bias = _norm_constants(batch.device)
-    return _to_nchw(torch.addcmul(bias, batch.float(), scale), channels_last)
+    return _to_nchw(torch.addcmul(norm.bias, batch.float(), norm.scale), channels_last)
 
 
 def _warp(store: torch.Tensor, rows: torch.Tensor, policy: Policy, gen: torch.Generator) -> torch.Tensor:
@@ -92,7 +102,12 @@ def _warp(store: torch.Tensor, rows: torch.Tensor, policy: Policy, gen: torch.Ge
 
 
 def device_augment(
-    store: torch.Tensor, rows: torch.Tensor, policy: Policy, gen: torch.Generator, channels_last: bool = True
+    store: torch.Tensor,
+    rows: torch.Tensor,
+    policy: Policy,
+    gen: torch.Generator,
+    norm: Normalize,
+    channels_last: bool = True,
 ) -> torch.Tensor:
     """Images `store[rows]` (uint8 [N, H, W, 3] on the device) -> augmented, normalised float
     [B, 3, H, W]; every image its own random draw."""
@@ -102,7 +117,7 @@ def device_augment(
     else:
         batch = store[rows]
     if not policy.jitter:
-        return to_input(batch, channels_last)
+        return to_input(batch, norm, channels_last)
     # Brightness b, contrast c and saturation s in one in-place pass over the float image:
     # y = b*x;  y = (y - mean(y))*c + mean(y);  out = (y - grey(y))*s + grey(y)
     j = policy.jitter
@@ -110,9 +125,8 @@ def device_augment(
     x = batch.float()
     grey = ((x[..., 0] + x[..., 1] + x[..., 2]) / 3).unsqueeze(3)  # 7x faster than mean(3) here
     offset = (b * c * (1 - s)) * grey + b * (1 - c) * grey.mean((1, 2), keepdim=True)
-    scale, bias = _norm_constants(device)
     torch.addcmul(offset, x, b * c * s, out=x).clamp_(0, 255)  # fused multiply-add: one pass each
-    torch.addcmul(bias, x, scale, out=x)
+    torch.addcmul(norm.bias, x, norm.scale, out=x)
     return _to_nchw(x, channels_last)
 
 

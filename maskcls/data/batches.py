@@ -1,8 +1,9 @@
 """Keep the data where the model is.
 
-A trial moves the cached uint8 images it needs to the training device once; an epoch is a
-tensor of row indices (sampling is index arithmetic), and batches are built by indexing and
-augmented on the device. The albumentations backend reads the same cache in DataLoader workers.
+A trial moves the cached uint8 images to the training device once; an epoch is a tensor of row
+indices moved there once (sampling is index arithmetic on the host), and batches are built by
+indexing and augmented on the device. The albumentations backend reads the same cache in
+DataLoader workers.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from maskcls.config import SamplerConfig
-from maskcls.data.augment import POLICIES, albumentations_transform, device_augment, to_input
-
-
-def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    return np.bincount(labels, minlength=num_classes)
+from maskcls.data.augment import POLICIES, Normalize, albumentations_transform, device_augment, to_input
 
 
 def epoch_indices(labels: np.ndarray, cfg: SamplerConfig, gen: torch.Generator) -> torch.Tensor:
@@ -50,23 +47,29 @@ def epoch_indices(labels: np.ndarray, cfg: SamplerConfig, gen: torch.Generator) 
 
 
 class DeviceImages:
-    """uint8 images [N, H, W, 3] resident on the device; `take` indexes a uint8 batch out of them."""
+    """The cached uint8 images [N, H, W, 3], moved to the device once, with the normalisation
+    constants made there once. Every batch is an index gather from it: `rows` are on the device."""
 
-    def __init__(self, images: np.ndarray, device: torch.device, channels_last: bool = False):
+    def __init__(self, images: np.ndarray, device: torch.device | str, channels_last: bool = False):
         with warnings.catch_warnings():  # a read-only memmap is fine: these images are never written
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        self.norm = Normalize.on(device)
         self.channels_last = channels_last
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def take(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.images[rows.to(self.images.device)]
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
 
     def inputs(self, rows: torch.Tensor) -> torch.Tensor:
         """Normalised float model inputs, no augmentation (validation, inference)."""
-        return to_input(self.take(rows), self.channels_last)
+        return to_input(self.images[rows], self.norm, self.channels_last)
+
+    def augmented(self, rows: torch.Tensor, policy: str, gen: torch.Generator) -> torch.Tensor:
+        return device_augment(self.images, rows, POLICIES[policy], gen, self.norm, self.channels_last)
 
 
 class _Albumented(Dataset):
@@ -85,31 +88,38 @@ class _Albumented(Dataset):
 
 
 def device_batches(
-    images: DeviceImages, order: torch.Tensor, batch_size: int, policy: str, gen: torch.Generator
+    images: DeviceImages,
+    rows: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    policy: str,
+    gen: torch.Generator,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(augmented, normalised batch, its positions) for one epoch: indexing and augmenting on the device."""
+    """(augmented, normalised batch, its positions) for one epoch. `order` holds positions into
+    `rows` (rows of `images`); both are on the device, so a batch costs no host-device copy."""
     for positions in order.split(batch_size):
-        rows = positions.to(images.images.device)
-        yield device_augment(images.images, rows, POLICIES[policy], gen, images.channels_last), positions
+        yield images.augmented(rows[positions], policy, gen), positions
 
 
 def albumentations_batches(
     cache: np.ndarray,
     rows: np.ndarray,
     order: torch.Tensor,
+    order_on_device: torch.Tensor,
     batch_size: int,
     policy: str,
     workers: int,
-    device: torch.device,
+    norm: Normalize,
     channels_last: bool,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The same contract, with per-image albumentations transforms in DataLoader workers."""
-    chunks = list(order.split(batch_size))
+    """The same contract, with per-image albumentations transforms in DataLoader workers: they read
+    the host `order`, and each batch is copied to the device (pinned and asynchronous on CUDA)."""
+    device = norm.scale.device
     loader = DataLoader(
         _Albumented(cache, rows, policy),
-        batch_sampler=[c.tolist() for c in chunks],
+        batch_sampler=[chunk.tolist() for chunk in order.split(batch_size)],
         num_workers=workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda" and torch.cuda.is_available(),
     )
-    for positions, batch in zip(chunks, loader, strict=True):
-        yield to_input(batch.to(device, non_blocking=True), channels_last), positions
+    for positions, batch in zip(order_on_device.split(batch_size), loader, strict=True):
+        yield to_input(batch.to(device, non_blocking=True), norm, channels_last), positions
