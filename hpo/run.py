@@ -27,6 +27,7 @@ from tqdm import tqdm
 from hpo import spec as specs
 from hpo.storage import counts, masked, open_storage, resolve_url, retry
 from hpo.worker import EXIT_TOO_MANY_FAILURES
+from maskcls import weights
 from maskcls.cli import run_main
 from maskcls.data.layout import scan
 from maskcls.data.synth import generate
@@ -55,31 +56,42 @@ class Slot:
         return f"{socket.gethostname()}:{self.proc.pid}" if self.proc else ""
 
 
-def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None) -> list[Slot]:
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, each named as CUDA_VISIBLE_DEVICES names it: under
+    CUDA_VISIBLE_DEVICES=2,3 they are "2" and "3" (or UUIDs, MIG ids), else "0".."N-1"."""
     import torch
 
     available = torch.cuda.device_count()
-    if gpus is None and (available == 0 or workers is not None):
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(available)]
+    return [name.strip() for name in listed.split(",")][:available]  # CUDA stops at the first bad entry
+
+
+def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None) -> list[Slot]:
+    """One slot per GPU and trial; `--gpus` indexes the GPUs this process sees (visible_gpus)."""
+    visible = visible_gpus()
+    if gpus is None and (not visible or workers is not None):
         n = workers or 1
         threads = max(1, (os.cpu_count() or 1) // n)
         return [Slot(f"cpu{i}", "cpu", {"CUDA_VISIBLE_DEVICES": ""}, threads) for i in range(n)]
     if gpus in (None, "all"):
-        ids = list(range(available))
+        ids = list(range(len(visible)))
     else:
         try:
             ids = [int(g) for g in gpus.split(",") if g.strip()]
         except ValueError:
             raise UserError(f"--gpus takes all or a list such as 0,1, got {gpus!r}") from None
-    missing = [g for g in ids if not 0 <= g < available]
+    missing = [g for g in ids if not 0 <= g < len(visible)]
     if missing or not ids:
-        have = f"GPUs 0-{available - 1}" if available else "no GPU"
+        have = f"GPUs 0-{len(visible) - 1}" if visible else "no GPU"
         raise UserError(
             f"--gpus {gpus}: GPU {missing[0] if missing else ''} is not there; this machine has "
             f"{have} (use --workers N for CPU workers)"
         )
     threads = max(1, (os.cpu_count() or 1) // (len(ids) * per_gpu))
     return [
-        Slot(f"gpu{g}.{k}", "cuda", {"CUDA_VISIBLE_DEVICES": str(g)}, threads)
+        Slot(f"gpu{g}.{k}", "cuda", {"CUDA_VISIBLE_DEVICES": visible[g]}, threads)
         for g in ids
         for k in range(per_gpu)
     ]
@@ -293,12 +305,13 @@ def summary(study: optuna.Study, target: int, spec: specs.StudySpec, url: str, a
         f"{now['pruned']} pruned), {now['fail']} failed, {now['running']} running"
     ]
     if complete:
-        lines.append(f"{'trial':>6s} {'val macro-F1':>12s} {'epoch':>5s}  params")
+        lines.append(f"{'trial':>6s} {'val macro-F1':>12s} {'epoch':>5s} {'peak GiB':>8s}  params")
         for t in complete[:5]:
             params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
-            lines.append(
-                f"{t.number:6d} {t.value:12.4f} {t.user_attrs.get('best_epoch', '-')!s:>5s}  {params}"
-            )
+            peak = t.user_attrs.get("peak_memory_mb")
+            peak_gib = f"{peak / 1024:.2f}" if peak is not None else "-"
+            epoch = t.user_attrs.get("best_epoch", "-")
+            lines.append(f"{t.number:6d} {t.value:12.4f} {epoch!s:>5s} {peak_gib:>8s}  {params}")
     lines += [
         "",
         "dashboard:",
@@ -348,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     slots = gpu_slots(args.gpus, args.trials_per_gpu, args.workers)
     url = resolve_url(args.storage, spec)
     storage = open_storage(url, spec.heartbeat)
-    prepare_data(spec)  # a data problem stops here, before anything is written to the storage
+    prepare_data(spec)  # a data or weights problem stops here, before anything is written to the storage
+    weights.ensure(spec.models)  # ImageNet weights fetched once here, not by every worker
     study = optuna.create_study(
         study_name=spec.name,
         storage=storage,

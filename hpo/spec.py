@@ -27,8 +27,9 @@ import optuna
 import yaml
 
 from hpo import space
-from maskcls.config import TrainConfig
+from maskcls.config import ModelConfig, TrainConfig
 from maskcls.errors import ConfigError, UserError
+from maskcls.weights import spec_models
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 METRIC = "val_macro_f1"  # maximised
@@ -91,6 +92,7 @@ class StudySpec:
     params: list[space.Param]
     enqueue: list[dict]
     heartbeat: Heartbeat
+    models: tuple[ModelConfig, ...]  # every (model.name, model.pretrained) a trial can get
 
     @property
     def runs_dir(self) -> Path:
@@ -190,6 +192,7 @@ def load(name_or_path: str) -> StudySpec:
         params=params,
         enqueue=enqueue,
         heartbeat=heartbeat,
+        models=tuple(spec_models(raw)),
     )
     _check_builds(spec, path)
     return spec

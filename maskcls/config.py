@@ -41,7 +41,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet18"  # any timm model name
-    pretrained: str | None = None  # local weights file (.safetensors/.pth/.bin); none = random init
+    pretrained: str | None = None  # none (random init) | imagenet (timm's weights) | a weights file
     head: Literal["single", "multi"] = "single"  # multi: mask, gender and age heads combined
     dropout: float = 0.0
     dropout_samples: int = 1  # > 1: multi-sample dropout, mean of several dropout masks

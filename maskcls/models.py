@@ -10,13 +10,12 @@ multi head's already-normalised output unchanged.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskcls import weights
 from maskcls.config import ModelConfig
 from maskcls.errors import ConfigError
 from maskcls.labels import NUM_CLASSES
@@ -50,17 +49,14 @@ class Classifier(nn.Module):
 
 
 def build(cfg: ModelConfig) -> Classifier:
-    """Random initialisation unless `pretrained` names a local weights file (no downloads)."""
+    """The backbone from timm, randomly initialised or with `model.pretrained` weights (see
+    maskcls.weights); its ImageNet classifier is dropped for our heads."""
     if cfg.name not in timm.list_models():
         close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]
         raise ConfigError(f"model.name: unknown timm model {cfg.name!r}; similar names: {', '.join(close)}")
-    options = {}
-    if cfg.pretrained:
-        path = Path(cfg.pretrained).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"model.pretrained: weights file {path} not found")
-        options = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
-    backbone = timm.create_model(cfg.name, num_classes=0, **options)
+    if cfg.pretrained == weights.IMAGENET:
+        weights.fetch(cfg.name)  # from the cache; else downloaded once, or one clear error
+    backbone = timm.create_model(cfg.name, num_classes=0, **weights.timm_options(cfg))
     return Classifier(backbone, cfg.head, cfg.dropout, cfg.dropout_samples)
 
 

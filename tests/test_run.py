@@ -201,6 +201,7 @@ def test_gpu_slots_pin_one_device_each(monkeypatch):
     from hpo.run import gpu_slots
 
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     slots = gpu_slots(None, per_gpu=2, workers=None)
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "0", "1", "1"]
     assert all(s.device == "cuda" for s in slots)
@@ -208,6 +209,21 @@ def test_gpu_slots_pin_one_device_each(monkeypatch):
     assert [s.device for s in gpu_slots(None, 1, workers=3)] == ["cpu"] * 3  # --workers means CPU workers
     with pytest.raises(UserError, match="GPU 2 is not there; this machine has GPUs 0-1"):
         gpu_slots("0,2", 1, None)
+
+
+def test_gpu_slots_map_through_the_parents_cuda_visible_devices(monkeypatch):
+    """Under CUDA_VISIBLE_DEVICES=2,3 the workers must land on physical GPUs 2 and 3, not 0 and 1."""
+    from hpo.run import gpu_slots
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots(None, 1, None)] == ["2", "3"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots("1", 2, None)] == [
+        "3",
+        "3",
+    ]  # --gpus indexes them
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a,GPU-1c3e")
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots(None, 1, None)] == ["GPU-8f2a", "GPU-1c3e"]
 
 
 def test_a_recipe_that_always_fails_stops_the_run_with_its_reasons(small_root, tmp_path):

@@ -1,0 +1,194 @@
+"""Pretrained backbones: timm's ImageNet weights through the Hugging Face hub cache, or a local file.
+
+`model.pretrained` is `none` (random initialisation), `imagenet` (timm's default pretrained weights
+for `model.name`, e.g. `timm/resnet34.a1_in1k`) or the path of a weights file (.safetensors, or a
+state dict that loads with `weights_only=True`). Either way timm drops the ImageNet classifier and
+our 18-class (or mask/gender/age) heads start fresh.
+
+ImageNet weights live in huggingface_hub's cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+`~/.cache/huggingface/hub`. With `HF_HUB_OFFLINE=1` nothing is downloaded. For GPU nodes without
+network, fill the cache once where there is network (the same HF_HOME, e.g. on shared storage):
+
+    python -m maskcls.weights fetch --study mask          # every backbone the spec can choose
+    python -m maskcls.weights fetch --model convnext_nano
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import huggingface_hub
+import timm
+import torch
+import yaml
+
+from maskcls.cli import run_main
+from maskcls.config import ModelConfig
+from maskcls.errors import ConfigError, UserError
+
+IMAGENET = "imagenet"
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"  # hpo.spec resolves names the same way
+
+
+def is_random(pretrained: str | None) -> bool:
+    return pretrained in (None, "none")
+
+
+def timm_options(cfg: ModelConfig) -> dict[str, Any]:
+    """What `timm.create_model` needs for `cfg.pretrained`."""
+    if is_random(cfg.pretrained):
+        return {}
+    if cfg.pretrained == IMAGENET:
+        return {"pretrained": True}
+    path = Path(str(cfg.pretrained)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: weights file {path} not found (or use none or imagenet)")
+    return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+
+
+def hub_location(name: str) -> tuple[str | None, list[str], str | None]:
+    """(hub repo, file names timm tries there in order, fallback URL) of `name`'s default weights."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise ConfigError(f"model.pretrained=imagenet: timm has no pretrained weights for {name!r}")
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    return cfg.hf_hub_id, files, cfg.url
+
+
+def cached(name: str) -> Path | None:
+    """The cached weights file of `name`'s ImageNet weights, or None; never touches the network."""
+    repo, files, url = hub_location(name)
+    if repo:
+        for filename in files:
+            found = huggingface_hub.try_to_load_from_cache(repo, filename)
+            if isinstance(found, str):
+                return Path(found)
+        return None
+    local = Path(torch.hub.get_dir()) / "checkpoints" / Path(str(url)).name  # timm's URL cache
+    return local if local.is_file() else None
+
+
+def fetch(name: str) -> Path:
+    """Download `name`'s ImageNet weights into the cache (timm's own loader), or UserError."""
+    found = cached(name)
+    if found is not None:
+        return found
+    if huggingface_hub.is_offline_mode():
+        raise UserError(missing_message([name], "HF_HUB_OFFLINE is set"))
+    check_reachable(huggingface_hub.constants.ENDPOINT, name)
+    try:
+        timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as err:  # no network, no such file on the hub, a proxy's refusal...
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(missing_message([name], f"download failed: {reason}")) from None
+    found = cached(name)
+    if found is None:
+        raise UserError(f"{name}: timm loaded its weights but they are not in the cache {cache_dir()}")
+    return found
+
+
+def check_reachable(url: str, name: str, timeout_s: float = 5.0) -> None:
+    """One quick connection to the hub first: without it, huggingface_hub retries each file for
+    about 25 s before it gives up."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(missing_message([name], f"cannot reach {url}: {err}")) from None
+
+
+def cache_dir() -> str:
+    return str(huggingface_hub.constants.HF_HUB_CACHE)
+
+
+def missing_message(names: Sequence[str], why: str) -> str:
+    listed = ", ".join(names)
+    return (
+        f"model.pretrained=imagenet: no ImageNet weights for {listed} in the cache {cache_dir()} ({why}). "
+        f"Run once with network, or `python -m maskcls.weights fetch --model {names[0]}` (or `--study NAME`) "
+        "on a machine that has it and share HF_HOME, or set model.pretrained to a weights file"
+    )
+
+
+def ensure(models: Iterable[ModelConfig]) -> None:
+    """Every ImageNet backbone in `models` is in the cache afterwards (fetched once here, not by each
+    worker), or one UserError names them all with the fix. Weights files must exist."""
+    missing = []
+    for cfg in models:
+        if cfg.pretrained == IMAGENET:
+            if cached(cfg.name) is None:
+                missing.append(cfg.name)
+        else:
+            timm_options(cfg)
+    missing = sorted(set(missing))
+    if missing and huggingface_hub.is_offline_mode():
+        raise UserError(missing_message(missing, "HF_HUB_OFFLINE is set"))
+    for name in missing:
+        print(f"fetching ImageNet weights for {name} into {cache_dir()}", file=sys.stderr)
+        fetch(name)
+
+
+def spec_models(spec: Mapping[str, Any]) -> list[ModelConfig]:
+    """Every (model.name, model.pretrained) a study spec (its YAML mapping) can give a trial: the
+    fixed values, the search space's choices and the enqueued recipes."""
+    fixed = dict(spec.get("fixed") or {})
+    fixed.update({f"model.{k}": v for k, v in (fixed.pop("model", None) or {}).items()})
+
+    def values(path: str, default: Any) -> set:
+        found = {fixed.get(path, default)}
+        entry = (spec.get("space") or {}).get(path) or {}
+        found.update(entry.get("choices") or [])
+        found.update(r[path] for r in spec.get("enqueue") or [] if path in r)
+        return found
+
+    names = values("model.name", ModelConfig.name)
+    weights = values("model.pretrained", ModelConfig.pretrained)
+    return [ModelConfig(name=n, pretrained=w) for n in sorted(names) for w in sorted(weights, key=str)]
+
+
+def read_spec(name_or_path: str) -> Mapping[str, Any]:
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        path = STUDIES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown study {name_or_path!r}: no file {path} (give a spec name or path)")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid YAML ({err})") from None
+    if not isinstance(spec, Mapping):
+        raise UserError(f"{path}: not a study spec")
+    return spec
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m maskcls.weights",
+        description="Fill the Hugging Face hub cache with timm's ImageNet weights, for machines "
+        "without network (run it where there is network, with the same HF_HOME).",
+        epilog=f"Cache: {cache_dir()} ($HF_HUB_CACHE, else $HF_HOME/hub).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch_cmd = commands.add_parser("fetch", help="download the weights of models or of a study's backbones")
+    fetch_cmd.add_argument("--study", help="every backbone the study spec can choose (name or path)")
+    fetch_cmd.add_argument("--model", action="append", default=[], help="a timm model name (repeatable)")
+    args = parser.parse_args(argv)
+    names = list(args.model)
+    if args.study:
+        names += [m.name for m in spec_models(read_spec(args.study))]
+    if not names:
+        parser.error("give --study NAME or --model NAME")
+    for name in sorted(set(names)):
+        print(f"{name}: {fetch(name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
