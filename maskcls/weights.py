@@ -142,9 +142,10 @@ def spec_models(spec: Mapping[str, Any]) -> list[ModelConfig]:
     fixed.update({f"model.{k}": v for k, v in (fixed.pop("model", None) or {}).items()})
 
     def values(path: str, default: Any) -> set:
-        found = {fixed.get(path, default)}
         entry = (spec.get("space") or {}).get(path) or {}
-        found.update(entry.get("choices") or [])
+        found = set(entry.get("choices") or [])
+        if not found or entry.get("when"):  # not searched, or not in every trial: the fixed value
+            found.add(fixed.get(path, default))
         found.update(r[path] for r in spec.get("enqueue") or [] if path in r)
         return found
 
@@ -185,8 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         names += [m.name for m in spec_models(read_spec(args.study))]
     if not names:
         parser.error("give --study NAME or --model NAME")
-    for name in sorted(set(names)):
-        print(f"{name}: {fetch(name)}")
+    names = sorted(set(names))
+    ensure(ModelConfig(name=n, pretrained=IMAGENET) for n in names)
+    for name in names:
+        print(f"{name}: {cached(name)}")
     return 0
 
 
