@@ -9,7 +9,6 @@ diverges fails with its reason recorded; the worker releases the memory and goes
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import resource
@@ -24,11 +23,13 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from hpo import space
 from hpo.spec import StudySpec
-from maskcls import plots
+from maskcls import memory, plots
+from maskcls.config import TrainConfig
 from maskcls.labels import AgeCutoffs
 from maskcls.metrics import confusion
-from maskcls.train import Diverged, FitResult, fit, load_data
+from maskcls.train import Diverged, FitResult, autocast, fit, load_data
 
+MEMORY_WAIT_S = 3600  # how long a trial waits for GPU memory held by the trials beside it
 ACTIVE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
 
 
@@ -65,6 +66,21 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def hold_gpu_memory(trial: optuna.Trial, cfg: TrainConfig, n_images: int, device: torch.device) -> None:
+    """Estimate what the trial needs and hold it on the GPU before anything is allocated, waiting for
+    the trials it shares the GPU with; a trial that cannot fit fails now, not halfway."""
+    need = memory.estimate(cfg, n_images, autocast(cfg, device)[1])
+    trial.set_user_attr("memory_need_mb", round(need.total / 2**20, 1))
+    try:
+        waited = memory.reserve(need.total, device, MEMORY_WAIT_S)
+    except memory.NoRoom as err:
+        raise fail(
+            trial, f"does not fit on {torch.cuda.get_device_name(device)}: {err}; need {need}"
+        ) from None
+    trial.set_user_attr("memory_wait_s", round(waited, 1))
+    torch.cuda.reset_peak_memory_stats(device)  # the peak is the trial's, not the reservation's
+
+
 def make_objective(
     spec: StudySpec, device: torch.device, target: int, artifacts: FileSystemArtifactStore | None
 ) -> Callable[[optuna.Trial], float]:
@@ -90,8 +106,9 @@ def make_objective(
         )
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("threads", torch.get_num_threads())  # export --holdout reproduces with it
+        data = load_data(cfg, progress=False)
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            hold_gpu_memory(trial, cfg, len(data.table), device)
 
         def on_epoch(epoch: int, metrics: dict) -> None:
             trial.report(metrics["val_macro_f1"], epoch)
@@ -100,22 +117,22 @@ def make_objective(
                     f"pruned after epoch {epoch}: val macro-F1 {metrics['val_macro_f1']:.4f}"
                 )
 
+        out_of_memory = None
         try:
-            result = fit(cfg, load_data(cfg, progress=False), device, on_epoch)
+            result = fit(cfg, data, device, on_epoch)
         except Diverged as err:
             raise fail(trial, f"diverged: {err}") from None
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
             if not _is_oom(err):
                 raise
-            reason = (
+            out_of_memory = (
                 f"out of memory on {device} "
                 f"(batch_size={cfg.train.batch_size}, image_size={list(cfg.data.image_size)})"
             )
-            del err  # drop the traceback's references to the trial's tensors before freeing
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise fail(trial, reason) from None
+        if out_of_memory is not None:
+            # Only out here are the error's traceback, and the trial's tensors its frames hold, gone.
+            memory.release(device)
+            raise fail(trial, out_of_memory)
         _record(trial, cfg, result, device, artifacts)
         return result.best_val_macro_f1
 

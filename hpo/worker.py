@@ -22,6 +22,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from hpo import spec as specs
 from hpo.objective import TrialFailed, make_objective, worker_id
 from hpo.storage import counts, open_storage
+from maskcls import memory
 from maskcls.cli import run_main
 from maskcls.runtime import configure_cpu
 from maskcls.train import pick_device
@@ -75,9 +76,8 @@ def work(
         if now["finished"] + now["running"] >= target:  # the last trials are running elsewhere
             time.sleep(poll_s)
             continue
-        study.optimize(
-            objective, n_trials=1, catch=(TrialFailed, Exception), callbacks=[note], gc_after_trial=True
-        )
+        study.optimize(objective, n_trials=1, catch=(TrialFailed, Exception), callbacks=[note])
+        memory.release(device)  # every trial's GPU memory goes back, so the trial beside it can have it
         if len(failures) >= MAX_CONSECUTIVE_FAILURES:
             print(
                 f"error: {len(failures)} trials failed in a row on this worker; stopping it. "
