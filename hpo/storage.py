@@ -14,17 +14,25 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 import warnings
 from pathlib import Path
 
 import optuna
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    OperationalError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 
 from hpo.spec import Heartbeat, StudySpec
 from maskcls.errors import UserError
 
 BUSY_TIMEOUT_S = 60
+CREATE_ATTEMPTS = 5
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
@@ -77,10 +85,23 @@ def open_storage(
                         max_retry=heartbeat.max_retry
                     ),
                 }
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url, tuned), **options)
+            for attempt in range(CREATE_ATTEMPTS):
+                try:
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url, tuned), **options)
+                except (IntegrityError, OperationalError, ProgrammingError) as err:
+                    # Processes started together on a new database race to create Optuna's tables;
+                    # the loser finds them made by the winner on the next try.
+                    if attempt == CREATE_ATTEMPTS - 1 or not _creation_race(err):
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
     except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot use storage {masked(url)}: {reason}") from None
+
+
+def _creation_race(err: SQLAlchemyError) -> bool:
+    text = str(err)
+    return any(sign in text for sign in ("already exists", "duplicate key", "UNIQUE constraint failed"))
 
 
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int) -> None:

@@ -84,9 +84,9 @@ def saved_for_backward(model: torch.nn.Module, shape: tuple, amp_dtype: torch.dt
         return t
 
     model.train()
-    with FakeTensorMode(allow_non_fake_inputs=True), _autocast(amp_dtype):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(torch.empty(shape))
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with FakeTensorMode(allow_non_fake_inputs=True), _autocast(amp_dtype), hooks:
+        model(torch.empty(shape))
     return sum(saved.values())
 
 

@@ -15,6 +15,8 @@ network, fill the cache once where there is network (the same HF_HOME, e.g. on s
 
 from __future__ import annotations
 
+# timm, torch and huggingface_hub are imported where used: hpo.spec reads specs with spec_models,
+# and the dispatcher should not pay for them.
 import argparse
 import socket
 import sys
@@ -23,9 +25,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import huggingface_hub
-import timm
-import torch
 import yaml
 
 from maskcls.cli import run_main
@@ -54,6 +53,8 @@ def timm_options(cfg: ModelConfig) -> dict[str, Any]:
 
 def hub_location(name: str) -> tuple[str | None, list[str], str | None]:
     """(hub repo, file names timm tries there in order, fallback URL) of `name`'s default weights."""
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise ConfigError(f"model.pretrained=imagenet: timm has no pretrained weights for {name!r}")
@@ -63,6 +64,9 @@ def hub_location(name: str) -> tuple[str | None, list[str], str | None]:
 
 def cached(name: str) -> Path | None:
     """The cached weights file of `name`'s ImageNet weights, or None; never touches the network."""
+    import huggingface_hub
+    import torch
+
     repo, files, url = hub_location(name)
     if repo:
         for filename in files:
@@ -76,12 +80,17 @@ def cached(name: str) -> Path | None:
 
 def fetch(name: str) -> Path:
     """Download `name`'s ImageNet weights into the cache (timm's own loader), or UserError."""
+    import huggingface_hub
+    import timm
+
     found = cached(name)
     if found is not None:
         return found
     if huggingface_hub.is_offline_mode():
         raise UserError(missing_message([name], "HF_HUB_OFFLINE is set"))
-    check_reachable(huggingface_hub.constants.ENDPOINT, name)
+    from huggingface_hub import constants
+
+    check_reachable(constants.ENDPOINT, name)
     try:
         timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as err:  # no network, no such file on the hub, a proxy's refusal...
@@ -105,7 +114,9 @@ def check_reachable(url: str, name: str, timeout_s: float = 5.0) -> None:
 
 
 def cache_dir() -> str:
-    return str(huggingface_hub.constants.HF_HUB_CACHE)
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
 
 
 def missing_message(names: Sequence[str], why: str) -> str:
@@ -120,6 +131,8 @@ def missing_message(names: Sequence[str], why: str) -> str:
 def ensure(models: Iterable[ModelConfig]) -> None:
     """Every ImageNet backbone in `models` is in the cache afterwards (fetched once here, not by each
     worker), or one UserError names them all with the fix. Weights files must exist."""
+    import huggingface_hub
+
     missing = []
     for cfg in models:
         if cfg.pretrained == IMAGENET:

@@ -53,3 +53,45 @@ def test_unreachable_storage_is_one_clear_error_with_the_password_masked():
     assert masked("mysql+pymysql://bob:pw@db/x") == "mysql+pymysql://bob:***@db/x"
     with pytest.raises(UserError, match="does not parse"):
         open_storage("not a url")
+
+
+def _open_together(url, barrier, results):
+    barrier.wait()
+    try:
+        open_storage(url)
+        results.put("ok")
+    except Exception as err:  # reported to the test, which shows it
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def open_at_once(url, processes=8):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_open_together, args=(url, barrier, results)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    return outcomes
+
+
+def test_eight_processes_create_a_new_sqlite_storage_together(tmp_path):
+    assert open_at_once(f"sqlite:///{tmp_path / 'new.db'}") == ["ok"] * 8
+
+
+def test_eight_processes_create_a_new_postgresql_storage_together():
+    from sqlalchemy import create_engine, text
+
+    database = f"race_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {database}"))
+    try:
+        assert open_at_once(POSTGRES.rsplit("/", 1)[0] + f"/{database}") == ["ok"] * 8
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE {database} WITH (FORCE)"))
+        admin.dispose()
