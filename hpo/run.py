@@ -35,6 +35,7 @@ from maskcls.errors import UserError
 
 RUNNING = optuna.trial.TrialState.RUNNING
 MAX_RESTARTS_PER_SLOT = 5
+STOP_GRACE_S = 30  # after Ctrl-C/SIGTERM, workers get this long to mark their trials failed
 
 
 @dataclass
@@ -277,7 +278,7 @@ class Dispatcher:
         live = [s for s in self.slots if s.proc and s.proc.poll() is None]
         for slot in live:
             slot.proc.send_signal(signal.SIGINT)
-        end = time.time() + 30
+        end = time.time() + STOP_GRACE_S
         for slot in live:
             try:
                 slot.proc.wait(timeout=max(0.1, end - time.time()))

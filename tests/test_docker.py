@@ -1,5 +1,6 @@
 """The compose file validates; no Docker engine runs here, so images are not built in tests."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -8,28 +9,17 @@ import yaml
 from helpers import debian_tool
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
+ROOT = DOCKER.parent
 
 
 def test_compose_file_validates_with_docker_compose(tmp_path):
-    tool = debian_tool("docker-compose", "docker-compose")  # the v2 plugin is not packaged for Debian 12
-    env_file = tmp_path / ".env"
-    env_file.write_text((DOCKER / "example.env").read_text())
-    done = subprocess.run(
-        [tool, "-f", str(DOCKER / "compose.yaml"), "--env-file", str(env_file), "config"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    resolved = yaml.safe_load(done.stdout)
-    assert {"postgres", "dashboard", "worker"} <= set(resolved["services"])
+    resolved = resolved_compose(tmp_path)  # the v2 plugin is not packaged for Debian 12: compose v1
+    assert {"postgres", "dashboard", "worker", "export"} <= set(resolved)
     for service in ("dashboard", "postgres"):
-        port = resolved["services"][service]["ports"][0]  # compose v1 prints a string, v2 a mapping
+        port = resolved[service]["ports"][0]  # compose v1 prints a string, v2 a mapping
         assert (port["host_ip"] if isinstance(port, dict) else port.split(":")[0]) == "127.0.0.1"
-    assert (
-        "***" not in done.stdout
-        and "change-me" in resolved["services"]["worker"]["environment"]["HPO_STORAGE"]
-    )
+    storage = resolved["worker"]["environment"]["HPO_STORAGE"]
+    assert "***" not in storage and "change-me" in storage
 
 
 def test_no_secret_is_committed_and_the_worker_image_runs_hpo_run():
@@ -44,3 +34,55 @@ def test_no_secret_is_committed_and_the_worker_image_runs_hpo_run():
 def test_services_take_the_storage_from_the_env_file(service):
     spec = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     assert "${POSTGRES_PASSWORD" in str(spec["services"][service]["environment"]["HPO_STORAGE"])
+
+
+def resolved_compose(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text((DOCKER / "example.env").read_text())
+    tool = debian_tool("docker-compose", "docker-compose")
+    done = subprocess.run(
+        [tool, "-f", str(DOCKER / "compose.yaml"), "--env-file", str(env_file), "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)["services"]
+
+
+def test_one_worker_container_per_host_uses_every_gpu_and_the_docs_say_so(tmp_path):
+    """Compose has no GPU scheduler: `--scale worker=N` with `count: 1` gave every replica the same
+    GPU. One container per host reserves all GPUs and hpo.run spreads trials over them."""
+    worker = resolved_compose(tmp_path)["worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["count"] == "all" and "gpu" in device["capabilities"]
+    assert "--gpus" not in worker["command"] and "--trials-per-gpu" in worker["command"]
+    for doc in (ROOT / "README.md", ROOT / "docs" / "DISTRIBUTED.md", DOCKER / "compose.yaml"):
+        text = doc.read_text()
+        commands = re.findall(r"^[#\s]*(docker compose .*)$", text, flags=re.M)
+        assert commands and not any("--scale" in c for c in commands), f"{doc} scales the worker service"
+        assert "up -d worker" in text or "up -d --no-deps worker" in text, f"{doc} lacks the per-host command"
+
+
+def test_workers_stop_cleanly_and_restart_a_bounded_number_of_times(tmp_path):
+    from hpo.run import STOP_GRACE_S
+
+    services = resolved_compose(tmp_path)
+    for name in ("worker", "cpu-worker"):
+        service = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"][name]
+        assert re.fullmatch(r"on-failure:[1-9]", service["restart"]), service["restart"]
+        assert int(service["stop_grace_period"].rstrip("s")) > STOP_GRACE_S
+    export = services["export"]
+    assert export["entrypoint"][-1] == "hpo.export-best"
+
+
+def test_the_build_context_leaves_out_the_venv_and_the_image_runs_the_tested_torch():
+    import torch
+
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv/", "runs/", ".git/"} <= set(ignored)
+    pinned = re.search(r"ARG TORCH=([\d.]+)", (DOCKER / "Dockerfile").read_text()).group(1)
+    tested = torch.__version__.split("+")[0]
+    assert pinned.split(".")[:2] == tested.split(".")[:2], (
+        f"Dockerfile pins torch {pinned}, tests run {tested}"
+    )
