@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from maskcls import losses, models
+from maskcls import losses, models, weights
 from maskcls.cli import run_main
 from maskcls.config import MEAN, STD, TrainConfig, load, parse_overrides
 from maskcls.data import cache
@@ -452,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory for the run")
     device = pick_device(args.device)
+    weights.ensure([cfg.model])  # missing ImageNet weights stop here, before the images are decoded
     configure_cpu()
     data = load_data(cfg)
     print(

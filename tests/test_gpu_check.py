@@ -20,7 +20,7 @@ def test_the_gpu_check_runs_on_the_cpu_in_under_four_minutes(tmp_path, summary_l
         capture_output=True,
         text=True,
         timeout=240,
-        env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)},
+        env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "TMPDIR": str(tmp_path)},
     )
     seconds = time.perf_counter() - start
     assert done.returncode == 0, done.stdout + done.stderr
