@@ -16,23 +16,20 @@ import os
 import sqlite3
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import optuna
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import (
-    ArgumentError,
-    IntegrityError,
-    OperationalError,
-    ProgrammingError,
-    SQLAlchemyError,
-)
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from hpo.spec import Heartbeat, StudySpec
 from maskcls.errors import UserError
 
 BUSY_TIMEOUT_S = 60
 CREATE_ATTEMPTS = 5
+T = TypeVar("T")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
@@ -69,11 +66,11 @@ def open_storage(
             f"storage URL {url!r} does not parse (e.g. sqlite:///runs/demo/study.db or "
             "postgresql+psycopg://user:password@host/db)"
         ) from None
-    if parsed.get_backend_name() == "sqlite" and tuned and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(parsed.database, timeout=BUSY_TIMEOUT_S) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the database file
+    sqlite_file = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
     try:
+        if sqlite_file and tuned:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _while_racing(lambda: _enable_wal(parsed.database))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             options = {}
@@ -85,23 +82,31 @@ def open_storage(
                         max_retry=heartbeat.max_retry
                     ),
                 }
-            for attempt in range(CREATE_ATTEMPTS):
-                try:
-                    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url, tuned), **options)
-                except (IntegrityError, OperationalError, ProgrammingError) as err:
-                    # Processes started together on a new database race to create Optuna's tables;
-                    # the loser finds them made by the winner on the next try.
-                    if attempt == CREATE_ATTEMPTS - 1 or not _creation_race(err):
-                        raise
-                    time.sleep(0.2 * (attempt + 1))
+            kwargs = engine_kwargs(url, tuned)
+            return _while_racing(lambda: optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **options))
     except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot use storage {masked(url)}: {reason}") from None
 
 
-def _creation_race(err: SQLAlchemyError) -> bool:
-    text = str(err)
-    return any(sign in text for sign in ("already exists", "duplicate key", "UNIQUE constraint failed"))
+def _enable_wal(path: str) -> None:
+    with sqlite3.connect(path, timeout=BUSY_TIMEOUT_S) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the database file
+
+
+def _while_racing(make: Callable[[], T]) -> T:
+    """Processes started together on a new database race to set it up (WAL mode, Optuna's tables):
+    a loser sees "database is locked", "already exists" or a duplicate key, and finds the
+    database ready on its next try."""
+    signs = ("database is locked", "already exists", "duplicate key", "UNIQUE constraint failed")
+    for attempt in range(CREATE_ATTEMPTS - 1):
+        try:
+            return make()
+        except (SQLAlchemyError, sqlite3.Error) as err:
+            if not any(sign in str(err) for sign in signs):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    return make()
 
 
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int) -> None:
