@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from maskcls.data.layout import scan, scan_eval
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -208,13 +210,9 @@ def main() -> int:
     synth = [sys.executable, "-m", "maskcls.data.synth", str(data), "--people", str(plan.people)]
     synth += ["--eval-people", str(plan.eval_people), "--size", plan.photo]
     code, out, s = run(synth, 300, work / "synth.log")
+    made = f"{len(scan(data))} + {len(scan_eval(data))} photos" if code == 0 else last_line(out)
     rows = [
-        Row(
-            f"stand-in, {plan.people} + {plan.eval_people} people, {plan.photo}",
-            code == 0,
-            last_line(out),
-            seconds=s,
-        )
+        Row(f"stand-in, {plan.people} + {plan.eval_people} people, {plan.photo}", code == 0, made, seconds=s)
     ]
     if code == 0:
         rows.append(cuda_tests(work, args.device))
