@@ -24,10 +24,9 @@ from typing import Any
 
 import numpy as np
 import optuna
-import yaml
 
 from hpo import space
-from maskcls.config import ModelConfig, TrainConfig
+from maskcls.config import ModelConfig, TrainConfig, read_yaml
 from maskcls.errors import ConfigError, UserError
 from maskcls.weights import spec_models
 
@@ -142,12 +141,7 @@ def resolve(name_or_path: str) -> Path:
 
 def load(name_or_path: str) -> StudySpec:
     path = resolve(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: invalid YAML ({err})") from None
-    if not isinstance(raw, Mapping):
-        raise UserError(f"{path}: expected a mapping with keys {', '.join(SPEC_KEYS)}")
+    raw = read_yaml(path, f"a mapping with keys {', '.join(SPEC_KEYS)}")
     unknown = sorted(set(raw) - set(SPEC_KEYS))
     if unknown:
         raise UserError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(SPEC_KEYS)}")

@@ -154,19 +154,24 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return overrides
 
 
+def read_yaml(path: str | Path, expected: str) -> Mapping[str, Any]:
+    """A YAML file holding a mapping (empty: {}), or ConfigError naming the file and what is wrong;
+    `expected` says what the mapping should hold, for the message."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({err})") from None
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{path}: expected {expected}, got {type(values).__name__}")
+    return values
+
+
 def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML file (if any), then the overrides."""
-    values: Any = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML ({err})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config groups, got {type(values).__name__}")
+    values = read_yaml(path, "a mapping of config groups") if path is not None else {}
     return TrainConfig.from_dict(values).override(overrides or {})
 
 

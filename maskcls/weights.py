@@ -25,10 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from maskcls.cli import run_main
-from maskcls.config import ModelConfig
+from maskcls.config import ModelConfig, read_yaml
 from maskcls.errors import ConfigError, UserError
 
 IMAGENET = "imagenet"
@@ -168,18 +166,11 @@ def spec_models(spec: Mapping[str, Any]) -> list[ModelConfig]:
 
 
 def read_spec(name_or_path: str) -> Mapping[str, Any]:
+    """A study spec's YAML mapping, by path or by name in studies/ (as hpo.spec finds it)."""
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         path = STUDIES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise UserError(f"unknown study {name_or_path!r}: no file {path} (give a spec name or path)")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: invalid YAML ({err})") from None
-    if not isinstance(spec, Mapping):
-        raise UserError(f"{path}: not a study spec")
-    return spec
+    return read_yaml(path, "a study spec")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
