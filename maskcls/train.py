@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -419,7 +420,10 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[T
         raise UserError(
             f"{run_dir / 'config.json'}: not a model config written by this project ({err})"
         ) from None
-    model = models.Ensemble([models.build(cfg.model) for _ in range(members)])
+    # The saved weights replace whatever the backbone started from: no ImageNet download, no
+    # weights file needed where a model is deployed.
+    architecture = dataclasses.replace(cfg.model, pretrained=None)
+    model = models.Ensemble([models.build(architecture) for _ in range(members)])
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     return cfg, model.to(device).eval()
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from hpo.storage import open_storage
 from maskcls.config import ModelConfig
-from maskcls.train import fit, load_data
+from maskcls.train import fit, load_data, load_run, save_run
 from maskcls.weights import hub_location, read_spec, spec_models
 
 TINY = "mobilenetv3_small_050"
@@ -123,6 +123,11 @@ def test_training_starts_from_a_local_weights_file(tiny_cfg, tmp_path):
     assert torch.allclose(member.conv_stem.weight, state["conv_stem.weight"], atol=1e-6)  # lr ~0: unchanged
     with pytest.raises(Exception, match="not found"):
         fit(cfg.override({"model.pretrained": str(tmp_path / "missing.pth")}), load_data(cfg, progress=False))
+    save_run(tmp_path / "run", cfg, result)
+    path.unlink()  # where the model is deployed, the starting weights are not needed
+    loaded_cfg, model = load_run(tmp_path / "run")
+    assert loaded_cfg.model.pretrained == str(path)
+    assert torch.equal(model.members[0].backbone.conv_stem.weight, member.conv_stem.weight)
 
 
 def test_a_spec_lists_fixed_searched_and_enqueued_backbones():
