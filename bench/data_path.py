@@ -30,9 +30,9 @@ from maskcls.data import cache
 from maskcls.data.batches import DeviceImages, device_batches
 from maskcls.data.layout import scan
 from maskcls.data.synth import generate
+from maskcls.infer import pick_device
 from maskcls.models import build
 from maskcls.runtime import configure_cpu
-from maskcls.train import pick_device
 
 
 class PilDataset(Dataset):

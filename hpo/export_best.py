@@ -5,12 +5,10 @@ space), then retrained: by default on all training people for the epoch count at
 peaked; with --holdout on the trial's own split (its validation macro-F1 reported next to the
 trial's); with --folds K as K person-level folds exported as an ensemble (mean of probabilities).
 
-The export directory (built in a temporary folder, then renamed into place):
-  model.safetensors, config.json   weights; TrainConfig, class map and preprocessing
-  model.onnx                       dynamic batch, checked with onnxruntime against PyTorch
-  report.md, confusion_matrix.png  study best, retrain metrics, per-class F1, confusion matrix
-  submission.csv                   for eval/info.csv, when the data has an eval set
-  metrics.json                     every figure of the report, for machines
+The export itself is maskcls.export's (the same as `python -m maskcls.export RUN --out DIR`):
+model.safetensors and config.json, model.onnx checked with onnxruntime, submission.csv, report.md
+with the study's and the retrain's scores, confusion_matrix.png and metrics.json. It is attached
+to the study as a zip artifact and recorded in the study's `export` user attr.
 """
 
 from __future__ import annotations
@@ -26,26 +24,19 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import pandas as pd
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from hpo import spec as specs
 from hpo.storage import FINISHED, masked, open_storage, resolve_url
-from maskcls import plots
 from maskcls.cli import run_main
 from maskcls.config import TrainConfig
-from maskcls.data import cache
-from maskcls.data.layout import scan_eval
 from maskcls.errors import UserError
-from maskcls.export import check_onnx, export_onnx
-from maskcls.labels import NUM_CLASSES, class_name
-from maskcls.metrics import confusion, macro_f1, per_class_f1
-from maskcls.models import Ensemble
-from maskcls.predict import submission, write_csv
+from maskcls.export import ExportInfo, check_out, complete
+from maskcls.infer import pick_device
+from maskcls.metrics import macro_f1
+from maskcls.rundir import building, write_model_dir
 from maskcls.runtime import configure_cpu
-from maskcls.train import fit, load_data, pick_device, write_json, write_model_dir
-
-MAX_ONNX_DIFF = 1e-4
+from maskcls.train import fit, load_data
 
 
 @dataclass
@@ -125,111 +116,54 @@ def retrain(
     return Retrain(f"all training people, {epochs} epochs", [result.model], everyone)
 
 
-def build_export(tmp: Path, study: optuna.Study, trial, cfg: TrainConfig, done: Retrain, device) -> dict:
-    model = Ensemble(done.members).eval()
-    write_model_dir(tmp, done.config, done.members)
-    root = cfg.data.root
-    has_eval = (Path(root) / "eval" / "info.csv").is_file()
-    figures: dict = {
-        "study": study.study_name,
-        "study_best_value": study.best_value,
-        "trial": trial.number,
-        "trial_value": trial.value,
-        "mode": done.mode,
-        "val_macro_f1": done.val_macro_f1,
-        "fold_macro_f1": done.fold_f1,
-    }
-
-    # The checked ONNX model: every eval image (else validation images) through both runtimes.
-    paths = (
-        list(scan_eval(root)["path"])
-        if has_eval
-        else list(load_data(cfg, progress=False).table["path"][:512])
+def export_info(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: Retrain) -> ExportInfo:
+    return ExportInfo(
+        title=f"Export of study `{study.study_name}`, trial {trial.number}",
+        trained_on=done.mode,
+        scores={
+            "study best value": study.best_value,
+            f"trial {trial.number} (search)": trial.value,
+            f"retrain ({done.mode})": done.val_macro_f1,
+        },
+        facts={
+            "study": study.study_name,
+            "study_best_value": study.best_value,
+            "trial": trial.number,
+            "trial_value": trial.value,
+            "val_macro_f1": done.val_macro_f1,
+            "fold_macro_f1": done.fold_f1,
+        },
+        params=trial.params,
+        validation=(done.val_labels, done.val_probs) if done.val_labels is not None else None,
     )
-    images = cache.build(paths, cfg.data.image_size, cfg.data.cache_dir, cfg.data.center_crop)
-    export_onnx(model, cfg.data.image_size, tmp / "model.onnx")
-    check = check_onnx(tmp / "model.onnx", model, images)
-    figures["onnx"] = {
-        "images": check.images,
-        "max_abs_diff": check.max_abs_diff,
-        "argmax_agree": check.argmax_agree,
-    }
-    if check.argmax_agree != check.images or check.max_abs_diff > MAX_ONNX_DIFF:
-        raise RuntimeError(
-            f"ONNX and PyTorch disagree: max |diff| {check.max_abs_diff:.2e}, "
-            f"{check.images - check.argmax_agree} different classes"
+
+
+def record(
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial,
+    done: Retrain,
+    out: Path,
+    figures: dict,
+    artifacts: Path,
+) -> None:
+    """Attach the export to the study as a zip artifact and note it in the study's `export` attr."""
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as zdir:
+        archive = shutil.make_archive(str(Path(zdir) / f"export-trial{trial.number}"), "zip", out)
+        artifact_id = upload_artifact(
+            artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=archive, study_or_trial=study
         )
-
-    labels = predicted = None
-    if done.val_labels is not None:
-        labels, predicted, scored_on = (
-            done.val_labels,
-            done.val_probs.argmax(1),
-            "validation people of the retrain",
-        )
-    if has_eval:
-        table = submission(model.to(device), done.config.override({"data.root": root}), root, device)
-        write_csv(table, tmp / "submission.csv")
-        gt_path = Path(root) / "eval" / "gt.csv"
-        if gt_path.is_file():  # the stand-in knows its eval classes
-            labels, predicted = pd.read_csv(gt_path)["ans"].to_numpy(), table["ans"].to_numpy()
-            scored_on = "eval set (eval/gt.csv)"
-            figures["eval_macro_f1"] = macro_f1(labels, predicted)
-    if labels is not None:
-        figures["scored_on"] = scored_on
-        figures["per_class_f1"] = per_class_f1(labels, predicted).round(4).tolist()
-        plots.confusion_matrix(confusion(labels, predicted), tmp / "confusion_matrix.png")
-    write_json(tmp / "metrics.json", figures)
-    (tmp / "report.md").write_text(report(figures, trial))
-    return figures
-
-
-def report(f: dict, trial) -> str:
-    def fmt(value):
-        return f"{value:.4f}" if isinstance(value, float) else "-"
-
-    lines = [
-        f"# Export of study `{f['study']}`, trial {f['trial']}",
-        "",
-        "| | val macro-F1 |",
-        "|---|---|",
-        f"| study best value | {fmt(f['study_best_value'])} |",
-        f"| trial {f['trial']} (search) | {fmt(f['trial_value'])} |",
-    ]
-    if f["val_macro_f1"] is not None:
-        lines.append(f"| retrain ({f['mode']}) | {fmt(f['val_macro_f1'])} |")
-    if f.get("eval_macro_f1") is not None:
-        lines.append(f"| submission vs eval/gt.csv | {fmt(f['eval_macro_f1'])} |")
-    lines += [
-        "",
-        f"Retrained on: {f['mode']}.",
-        f"ONNX check: {f['onnx']['images']} images, "
-        f"max |p_onnx - p_torch| = {f['onnx']['max_abs_diff']:.2e}, "
-        f"argmax agrees on {f['onnx']['argmax_agree']}/{f['onnx']['images']}.",
-        "",
-    ]
-    if f.get("fold_macro_f1"):
-        lines += ["Per fold: " + ", ".join(fmt(v) for v in f["fold_macro_f1"]), ""]
-    if f.get("per_class_f1"):
-        lines += [f"## Per-class F1 ({f['scored_on']})", "", "| class | name | F1 |", "|---|---|---|"]
-        lines += [
-            f"| {c} | {class_name(c)} | {v:.4f} |"
-            for c, v in zip(range(NUM_CLASSES), f["per_class_f1"], strict=True)
-        ]
-        lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
-    params = "\n".join(f"- `{k}` = {v}" for k, v in trial.params.items())
-    return "\n".join(lines) + f"\n## Trial parameters\n\n{params}\n"
-
-
-def install(tmp: Path, out: Path, force: bool) -> None:
-    """Rename the finished export into place; an old one (--force) goes only once the new is complete."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    study.set_user_attr(
+        "export",
+        {
+            "path": str(out.resolve()),
+            "trial": trial.number,
+            "mode": done.mode,
+            "artifact_id": artifact_id,
+            "val_macro_f1": figures["val_macro_f1"],
+            "eval_macro_f1": figures.get("eval_macro_f1"),
+        },
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,8 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     spec = specs.load(args.study)
     out = Path(args.out or spec.runs_dir / "export")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise UserError(f"{out} exists and is not empty; pass --force to replace it or choose another --out")
+    check_out(out, args.force)
     url = resolve_url(args.storage, spec)
     try:
         study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
@@ -281,32 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     done = retrain(cfg, trial, args.holdout, args.folds, device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        figures = build_export(tmp, study, trial, cfg, done, device)
-        install(tmp, out, args.force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with building(out) as tmp:
+        write_model_dir(tmp, done.config, done.members)
+        figures = complete(tmp, cfg.data.root, device, export_info(study, trial, done))
     artifacts = Path(args.artifacts or os.environ.get("HPO_ARTIFACTS") or spec.runs_dir / "artifacts")
-    artifacts.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as zdir:
-        archive = shutil.make_archive(str(Path(zdir) / f"export-trial{trial.number}"), "zip", out)
-        artifact_id = upload_artifact(
-            artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=archive, study_or_trial=study
-        )
-    study.set_user_attr(
-        "export",
-        {
-            "path": str(out.resolve()),
-            "trial": trial.number,
-            "mode": done.mode,
-            "artifact_id": artifact_id,
-            "val_macro_f1": figures["val_macro_f1"],
-            "eval_macro_f1": figures.get("eval_macro_f1"),
-        },
-    )
+    record(study, trial, done, out, figures, artifacts)
     print((out / "report.md").read_text())
     print(f"wrote {out}")
     return 0

@@ -25,9 +25,10 @@ from hpo import space
 from hpo.spec import StudySpec
 from maskcls import memory, plots
 from maskcls.config import TrainConfig
+from maskcls.infer import autocast
 from maskcls.labels import AgeCutoffs
 from maskcls.metrics import confusion
-from maskcls.train import Diverged, FitResult, autocast, fit, load_data
+from maskcls.train import Diverged, EpochMetrics, FitResult, fit, load_data
 
 MEMORY_WAIT_S = 3600  # how long a trial waits for GPU memory held by the trials beside it
 ACTIVE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
@@ -110,11 +111,11 @@ def make_objective(
         if device.type == "cuda":
             hold_gpu_memory(trial, cfg, len(data.table), device)
 
-        def on_epoch(epoch: int, metrics: dict) -> None:
-            trial.report(metrics["val_macro_f1"], epoch)
+        def on_epoch(epoch: int, metrics: EpochMetrics) -> None:
+            trial.report(metrics.val_macro_f1, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(
-                    f"pruned after epoch {epoch}: val macro-F1 {metrics['val_macro_f1']:.4f}"
+                    f"pruned after epoch {epoch}: val macro-F1 {metrics.val_macro_f1:.4f}"
                 )
 
         out_of_memory = None
@@ -149,8 +150,8 @@ def _record(
     best = result.history[result.best_epoch - 1]
     for key, value in {
         "best_epoch": result.best_epoch,
-        "per_class_f1": best["val_per_class_f1"],
-        "val_accuracy": round(best["val_accuracy"], 4),
+        "per_class_f1": best.val_per_class_f1,
+        "val_accuracy": round(best.val_accuracy, 4),
         "images_per_s": round(result.images_per_s, 1),
         "wall_s": round(result.wall_s, 1),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
@@ -163,7 +164,7 @@ def _record(
         tmp = Path(tmp)
         cutoffs = AgeCutoffs(cfg.data.young_age, cfg.data.old_age)
         files = [
-            plots.learning_curves(result.history, tmp / "learning_curves.png"),
+            plots.learning_curves([m.to_dict() for m in result.history], tmp / "learning_curves.png"),
             plots.confusion_matrix(
                 confusion(result.val_labels, result.val_probs.argmax(1)),
                 tmp / "confusion_matrix.png",

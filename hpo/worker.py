@@ -24,8 +24,8 @@ from hpo.objective import TrialFailed, make_objective, worker_id
 from hpo.storage import counts, open_storage
 from maskcls import memory
 from maskcls.cli import run_main
+from maskcls.infer import pick_device
 from maskcls.runtime import configure_cpu
-from maskcls.train import pick_device
 
 MAX_CONSECUTIVE_FAILURES = 5
 EXIT_TOO_MANY_FAILURES = 3

@@ -1,22 +1,48 @@
-"""ONNX export of a saved model, checked against PyTorch with onnxruntime on real images.
+"""The deployable export of any model directory: `python -m maskcls.export RUN_DIR --out DIR`.
 
-The ONNX graph takes the normalised float32 batch [N, 3, H, W] (see `preprocessing` in
-config.json) and returns class probabilities [N, 18]; the batch axis is dynamic.
+An export is a model directory (model.safetensors, config.json) plus what a deployment and a
+reviewer need:
+  model.onnx                       probabilities [N, 18] for a normalised float32 batch [N, 3, H, W],
+                                   dynamic batch axis; checked against PyTorch with onnxruntime on
+                                   every eval image (else up to 512 training images)
+  submission.csv                   `ImageID,ans` for eval/info.csv, when the data has an eval set
+  report.md, confusion_matrix.png  the scores, per-class F1 and the confusion matrix
+  metrics.json                     every figure of the report, for machines
+It is built in a temporary folder and renamed into place. `hpo.export-best` retrains a trial and
+exports it through the same code.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import shutil
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskcls import plots
+from maskcls.cli import run_main
+from maskcls.data import cache
 from maskcls.data.augment import Normalize, to_input
+from maskcls.data.layout import scan, scan_eval
+from maskcls.errors import UserError
+from maskcls.infer import pick_device
+from maskcls.labels import NUM_CLASSES, class_name
+from maskcls.metrics import confusion, macro_f1, per_class_f1
+from maskcls.predict import submission
+from maskcls.rundir import building, load_run, write_csv, write_json
+
+MAX_ONNX_DIFF = 1e-4
+MODEL_FILES = ("model.safetensors", "config.json")
 
 
 class _Probabilities(nn.Module):
@@ -33,6 +59,18 @@ class OnnxCheck:
     images: int
     max_abs_diff: float  # largest |p_onnx - p_torch| over every image and class
     argmax_agree: int  # images whose predicted class is the same
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """Where the exported model comes from, for its report and metrics.json."""
+
+    title: str
+    trained_on: str  # e.g. "all training people, 5 epochs"
+    scores: dict[str, float | None]  # report label -> validation macro-F1, in order
+    facts: dict[str, Any] = field(default_factory=dict)  # recorded in metrics.json as they are
+    params: dict[str, Any] = field(default_factory=dict)  # the recipe's searched values, listed last
+    validation: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probabilities) to score
 
 
 def export_onnx(model: nn.Module, image_size: tuple[int, int], path: str | Path) -> Path:
@@ -55,18 +93,140 @@ def export_onnx(model: nn.Module, image_size: tuple[int, int], path: str | Path)
 
 def check_onnx(path: str | Path, model: nn.Module, images: np.ndarray, batch_size: int = 64) -> OnnxCheck:
     """Run uint8 images [N, H, W, 3] through onnxruntime and PyTorch (fp32, CPU) and compare."""
+    import onnxruntime as ort
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     model = _Probabilities(model.cpu().eval())
     worst, agree, norm = 0.0, 0, Normalize.on("cpu")
     for start in range(0, len(images), batch_size):
-        x = to_input(
-            torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])),
-            norm,
-            channels_last=False,
-        )
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        x = to_input(batch, norm, channels_last=False)
         with torch.no_grad():
             expected = model(x).numpy()
         got = session.run(["probabilities"], {"image": x.numpy()})[0]
         worst = max(worst, float(np.abs(got - expected).max()))
         agree += int((got.argmax(1) == expected.argmax(1)).sum())
     return OnnxCheck(images=len(images), max_abs_diff=worst, argmax_agree=agree)
+
+
+def complete(model_dir: Path, data_root: str, device: torch.device, info: ExportInfo) -> dict[str, Any]:
+    """Turn a model directory into an export (the files in the module docstring); returns the
+    figures written to metrics.json. Raises when ONNX and PyTorch disagree."""
+    cfg, model = load_run(model_dir)
+    has_eval = (Path(data_root) / "eval" / "info.csv").is_file()
+    paths = list(scan_eval(data_root)["path"] if has_eval else scan(data_root)["path"][:512])
+    images = cache.build(paths, cfg.data.image_size, cfg.data.cache_dir, cfg.data.center_crop)
+    export_onnx(model, cfg.data.image_size, model_dir / "model.onnx")
+    check = check_onnx(model_dir / "model.onnx", model, images)
+    if check.argmax_agree != check.images or check.max_abs_diff > MAX_ONNX_DIFF:
+        raise RuntimeError(
+            f"ONNX and PyTorch disagree: max |diff| {check.max_abs_diff:.2e}, "
+            f"{check.images - check.argmax_agree} different classes"
+        )
+    figures: dict[str, Any] = {**info.facts, "mode": info.trained_on, "onnx": check.__dict__}
+    scored = None
+    if info.validation is not None:
+        labels, probs = info.validation
+        scored = (labels, probs.argmax(1), "validation people of the retrain")
+    if has_eval:
+        table = submission(model.to(device), cfg.override({"data.root": data_root}), data_root, device)
+        write_csv(table, model_dir / "submission.csv")
+        gt_path = Path(data_root) / "eval" / "gt.csv"
+        if gt_path.is_file():  # the stand-in knows its eval classes
+            scored = (
+                pd.read_csv(gt_path)["ans"].to_numpy(),
+                table["ans"].to_numpy(),
+                "eval set (eval/gt.csv)",
+            )
+            figures["eval_macro_f1"] = macro_f1(scored[0], scored[1])
+    if scored is not None:
+        labels, predicted, figures["scored_on"] = scored
+        figures["per_class_f1"] = per_class_f1(labels, predicted).round(4).tolist()
+        plots.confusion_matrix(confusion(labels, predicted), model_dir / "confusion_matrix.png")
+    write_json(model_dir / "metrics.json", figures)
+    (model_dir / "report.md").write_text(report(info, figures))
+    return figures
+
+
+def report(info: ExportInfo, f: dict[str, Any]) -> str:
+    def fmt(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else "-"
+
+    scores = {**info.scores, "submission vs eval/gt.csv": f.get("eval_macro_f1")}
+    lines = [f"# {info.title}", "", "| | val macro-F1 |", "|---|---|"]
+    lines += [f"| {label} | {fmt(value)} |" for label, value in scores.items() if value is not None]
+    onnx = f["onnx"]
+    lines += [
+        "",
+        f"Trained on: {info.trained_on}.",
+        f"ONNX check: {onnx['images']} images, max |p_onnx - p_torch| = {onnx['max_abs_diff']:.2e}, "
+        f"argmax agrees on {onnx['argmax_agree']}/{onnx['images']}.",
+        "",
+    ]
+    if f.get("fold_macro_f1"):
+        lines += ["Per fold: " + ", ".join(fmt(v) for v in f["fold_macro_f1"]), ""]
+    if f.get("per_class_f1"):
+        lines += [f"## Per-class F1 ({f['scored_on']})", "", "| class | name | F1 |", "|---|---|---|"]
+        lines += [
+            f"| {c} | {class_name(c)} | {v:.4f} |"
+            for c, v in zip(range(NUM_CLASSES), f["per_class_f1"], strict=True)
+        ]
+        lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
+    if info.params:
+        lines += ["## Trial parameters", ""] + [f"- `{k}` = {v}" for k, v in info.params.items()] + [""]
+    return "\n".join(lines)
+
+
+def run_info(run_dir: Path) -> ExportInfo:
+    """What a plain training run's metrics.json says about it (nothing, if it has none)."""
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    epoch = metrics.get("best_epoch")
+    return ExportInfo(
+        title=f"Export of run `{run_dir}`",
+        trained_on=f"the run's training people, best epoch {epoch}" if epoch else "the run's training people",
+        scores={"run (its validation people)": metrics.get("val_macro_f1")},
+        facts={
+            "run": str(run_dir.resolve()),
+            "val_macro_f1": metrics.get("val_macro_f1"),
+            "best_epoch": epoch,
+        },
+    )
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UserError(f"{out} exists and is not empty; pass --force to replace it or choose another --out")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m maskcls.export",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", help="a run or export directory (config.json + model.safetensors)")
+    parser.add_argument("--out", required=True, help="export directory to write")
+    parser.add_argument("--data", help="data root for the submission and ONNX check (default: the run's)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda ...")
+    parser.add_argument("--force", action="store_true", help="replace an existing, non-empty --out")
+    args = parser.parse_args(argv)
+    run_dir, out = Path(args.run_dir), Path(args.out)
+    cfg, _ = load_run(run_dir)  # a bad run directory stops here, before anything is written
+    check_out(out, args.force)
+    data_root = str(Path(args.data).expanduser()) if args.data else cfg.data.root
+    with building(out) as tmp:
+        for name in MODEL_FILES:
+            shutil.copy2(run_dir / name, tmp / name)
+        figures = complete(tmp, data_root, pick_device(args.device), run_info(run_dir))
+    print((out / "report.md").read_text())
+    print(
+        f"wrote {out}"
+        + (f" (eval macro-F1 {figures['eval_macro_f1']:.4f})" if "eval_macro_f1" in figures else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -8,7 +8,6 @@ RUN_DIR is what `maskcls.train` or `hpo.export-best` wrote (config.json + model.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from maskcls.data import cache
 from maskcls.data.batches import DeviceImages
 from maskcls.data.layout import scan_eval
 from maskcls.errors import UserError
+from maskcls.infer import infer, pick_device
 from maskcls.labels import AgeCutoffs, class_name
-from maskcls.train import infer, load_run, pick_device
+from maskcls.rundir import load_run, write_csv
 
 
 def predict_paths(
@@ -55,18 +55,6 @@ def submission(
     evals = scan_eval(root)
     probs = predict_paths(model, cfg, list(evals["path"]), device, tta, progress)
     return pd.DataFrame({"ImageID": evals["ImageID"], "ans": probs.argmax(1)})
-
-
-def write_csv(table: pd.DataFrame, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

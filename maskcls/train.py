@@ -1,46 +1,44 @@
 """Train one model from a TrainConfig: `python -m maskcls.train --data DIR --out DIR [--set k=v ...]`.
 
-`fit` is the whole training loop, readable top to bottom. It reports validation macro-F1 after
-every epoch through `on_epoch`, which may stop the run by raising (the search prunes this way),
-and returns the best-F1 weights.
+`fit` is the whole training loop, readable top to bottom. `setup` builds what it needs from the
+config and puts it on the device before the first step, `epoch_batches` is the batch source and
+`evaluate` the validation. Each epoch's metrics go to `on_epoch`, which may stop the run by raising
+(the search prunes this way); fit returns the best epoch's weights.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from maskcls import losses, models, weights
 from maskcls.cli import run_main
-from maskcls.config import MEAN, STD, TrainConfig, load, parse_overrides
+from maskcls.config import TrainConfig, load, parse_overrides
 from maskcls.data import cache
 from maskcls.data.augment import mix
 from maskcls.data.batches import DeviceImages, albumentations_batches, device_batches, epoch_indices
 from maskcls.data.layout import scan
 from maskcls.data.split import holdout, kfold
 from maskcls.errors import UserError
-from maskcls.labels import NUM_CLASSES, AgeCutoffs, age_band, class_name, encode
+from maskcls.infer import Autocast, autocast, pick_device, predict_probs
+from maskcls.labels import NUM_CLASSES, AgeCutoffs, age_band, encode
 from maskcls.metrics import macro_f1, per_class_f1
-from maskcls.optim import build_optimizer, build_schedule
+from maskcls.optim import Schedule, build_optimizer, build_schedule
+from maskcls.rundir import write_json, write_model_dir
 from maskcls.runtime import configure_cpu
-
-OnEpoch = Callable[[int, dict], None]
 
 
 class Diverged(RuntimeError):
@@ -60,12 +58,38 @@ class TrainData:
         return TrainData(self.table, self.images, np.arange(len(self.table)), np.array([], dtype=int))
 
 
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch's figures; the validation ones are None without validation people."""
+
+    epoch: int
+    train_loss: float
+    lr: float
+    images_per_s: float
+    seconds: float
+    val_loss: float | None = None
+    val_macro_f1: float | None = None
+    val_accuracy: float | None = None
+    val_per_class_f1: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """As metrics.json records it: the validation keys only when measured."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def __str__(self) -> str:
+        shown = f"val macro-F1 {self.val_macro_f1:.4f}" if self.val_macro_f1 is not None else "no validation"
+        return f"epoch {self.epoch}: train loss {self.train_loss:.4f}, {shown}, {self.images_per_s:.0f} img/s"
+
+
+OnEpoch = Callable[[int, EpochMetrics], None]
+
+
 @dataclass
 class FitResult:
     model: models.Classifier  # best weights loaded, in eval mode
     best_epoch: int
     best_val_macro_f1: float | None  # None without validation people
-    history: list[dict]
+    history: list[EpochMetrics]
     val_probs: np.ndarray | None  # [n_val, 18] at the best epoch
     val_labels: np.ndarray  # true classes of the validation images, in the same order
     stop_reason: str
@@ -90,22 +114,6 @@ def load_data(cfg: TrainConfig, progress: bool = True) -> TrainData:
     )
     images = cache.build(list(table["path"]), d.image_size, d.cache_dir, d.center_crop, progress=progress)
     return TrainData(table, images, split.train, split.val)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
-
-
-def autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast on CUDA where supported (fp16 otherwise); full precision on the CPU."""
-    if device.type != "cuda" or not cfg.train.amp:
-        return contextlib.nullcontext, None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
 
 
 @dataclass(frozen=True)
@@ -179,41 +187,98 @@ def epoch_batches(
         yield mix(x, on.train_targets[positions], cfg.augment, draws.mix, draws.augment)
 
 
-@torch.no_grad()
-def predict_probs(
-    model: torch.nn.Module,
-    images: DeviceImages,
-    rows: torch.Tensor,
-    batch_size: int,
-    amp=contextlib.nullcontext,
-    tta: bool = False,
-) -> torch.Tensor:
-    """Class probabilities [len(rows), 18] on the device; with `tta`, the mean over the image and
-    its mirror."""
-    model.eval()
-    probs = [torch.zeros((0, NUM_CLASSES), device=images.device)]
-    for batch in rows.split(batch_size):
-        x = images.inputs(batch)
-        with amp():
-            p = F.softmax(model(x).float(), dim=1)
-            if tta:
-                p = (p + F.softmax(model(x.flip(3)).float(), dim=1)) / 2
-        probs.append(p)
-    return torch.cat(probs)
+@dataclass
+class Parts:
+    """What fit builds from the config before its first step, all on the run's device."""
+
+    model: models.Classifier
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, compiled with train.compile
+    loss_fn: losses.Loss
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler  # scales fp16 losses; a no-op otherwise
+    amp: Autocast
+    on: DeviceData
+    draws: Draws
+    epoch_size: int  # images drawn per epoch (the sampler may oversample)
+    n_batches: int
 
 
-def infer(model: torch.nn.Module, images: DeviceImages, batch_size: int, tta: bool = False) -> np.ndarray:
-    """Class probabilities [N, 18] of every image, on the host."""
-    rows = torch.arange(len(images), device=images.device)
-    return predict_probs(model, images, rows, batch_size, tta=tta).cpu().numpy()
+def setup(cfg: TrainConfig, data: TrainData, device: torch.device) -> Parts:
+    """Seeded model, loss, optimizer and schedule from the config; the data moved to the device."""
+    torch.manual_seed(cfg.data.seed)
+    draws = Draws.seeded(cfg.data.seed, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = models.build(cfg.model).to(device, memory_format=memory_format)
+    train_labels = data.table["train_label"].to_numpy()[data.train_rows]
+    epoch_size = len(epoch_indices(train_labels, cfg.sampler, torch.Generator().manual_seed(0)))
+    n_batches = math.ceil(epoch_size / cfg.train.batch_size)
+    optimizer = build_optimizer(model, cfg.optim)
+    steps_per_epoch = math.ceil(n_batches / cfg.train.accumulate)
+    amp, amp_dtype = autocast(cfg, device)
+    return Parts(
+        model=model,
+        forward=torch.compile(model) if cfg.train.compile else model,
+        loss_fn=losses.build(cfg.loss, np.bincount(train_labels, minlength=NUM_CLASSES), device),
+        optimizer=optimizer,
+        schedule=build_schedule(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch, cfg.train.epochs),
+        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+        amp=amp,
+        on=to_device(data, device, cfg.train.channels_last),
+        draws=draws,
+        epoch_size=epoch_size,
+        n_batches=n_batches,
+    )
 
 
 def evaluate(
-    model: torch.nn.Module, on: DeviceData, loss_fn: losses.Loss, batch_size: int, amp
+    model: torch.nn.Module, on: DeviceData, loss_fn: losses.Loss, batch_size: int, amp: Autocast
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validation probabilities [n_val, 18] and loss, both computed and left on the device."""
     probs = predict_probs(model, on.images, on.val_rows, batch_size, amp)
     return probs, loss_fn((probs + 1e-12).log(), on.val_targets)
+
+
+def epoch_metrics(
+    p: Parts, cfg: TrainConfig, epoch: int, loss_sum: torch.Tensor, val_labels: np.ndarray, tick: float
+) -> tuple[EpochMetrics, np.ndarray | None]:
+    """The epoch's figures, with validation's when there are validation people, and the
+    validation probabilities on the host."""
+    figures: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": loss_sum.item() / p.n_batches,
+        "lr": p.optimizer.param_groups[0]["lr"],
+        "images_per_s": p.epoch_size / (time.perf_counter() - tick),
+    }
+    probs = None
+    if len(val_labels):
+        val_probs, val_loss = evaluate(p.model, p.on, p.loss_fn, cfg.train.eval_batch_size, p.amp)
+        probs = val_probs.cpu().numpy()  # one copy to the host per validation
+        predicted = probs.argmax(1)
+        figures.update(
+            val_loss=val_loss.item(),
+            val_macro_f1=macro_f1(val_labels, predicted),
+            val_accuracy=float((predicted == val_labels).mean()),
+            val_per_class_f1=per_class_f1(val_labels, predicted).round(4).tolist(),
+        )
+    return EpochMetrics(**figures, seconds=time.perf_counter() - tick), probs
+
+
+@dataclass
+class Best:
+    """The best epoch so far: its number, validation macro-F1, weights and validation probabilities."""
+
+    epoch: int = 0
+    score: float = -1.0
+    state: dict[str, torch.Tensor] | None = None
+    probs: np.ndarray | None = None
+
+    def offer(self, epoch: int, score: float, model: torch.nn.Module, probs: np.ndarray | None) -> None:
+        if score > self.score:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.epoch, self.score, self.state, self.probs = epoch, score, state, probs
 
 
 def fit(
@@ -225,171 +290,75 @@ def fit(
 ) -> FitResult:
     device = torch.device(device)
     started = time.perf_counter()
-    torch.manual_seed(cfg.data.seed)
-    draws = Draws.seeded(cfg.data.seed, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-
-    # Model, loss, optimizer and schedule, all from the config; the data moves to the device once.
-    model = models.build(cfg.model).to(device, memory_format=memory_format)
-    forward = torch.compile(model) if cfg.train.compile else model
-    on = to_device(data, device, cfg.train.channels_last)
-    train_labels = data.table["train_label"].to_numpy()[data.train_rows]
+    p = setup(cfg, data, device)
     val_labels = data.table["label"].to_numpy()[data.val_rows]
-    loss_fn = losses.build(cfg.loss, np.bincount(train_labels, minlength=NUM_CLASSES), device)
-    epoch_size = len(epoch_indices(train_labels, cfg.sampler, torch.Generator().manual_seed(0)))
-    n_batches = math.ceil(epoch_size / cfg.train.batch_size)
-    optimizer = build_optimizer(model, cfg.optim)
-    schedule = build_schedule(
-        optimizer, cfg.schedule, cfg.optim.lr, math.ceil(n_batches / cfg.train.accumulate), cfg.train.epochs
-    )
-    amp, amp_dtype = autocast(cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-    history: list[dict] = []
-    best = {"epoch": 0, "f1": -1.0, "state": None, "probs": None}
-    stop_reason, seen, train_seconds = "completed", 0, 0.0
+    history: list[EpochMetrics] = []
+    best, stop_reason, train_seconds = Best(), "completed", 0.0
     for epoch in range(1, cfg.train.epochs + 1):
-        model.train()
+        # Train: forward and backward every batch, an optimizer step every `accumulate` batches.
+        p.model.train()
         tick = time.perf_counter()
-        bar = tqdm(
-            epoch_batches(cfg, data, on, draws),
-            total=n_batches,
-            desc=f"epoch {epoch}/{cfg.train.epochs}",
-            leave=False,
-            disable=not progress,
-            unit="batch",
-        )
         loss_sum = torch.zeros((), device=device)
+        batches = epoch_batches(cfg, data, p.on, p.draws)
+        bar = tqdm(batches, total=p.n_batches, desc=f"epoch {epoch}", leave=False, disable=not progress)
         for step, (x, targets) in enumerate(bar, start=1):
-            with amp():
-                loss = loss_fn(forward(x), targets)
-            scaler.scale(loss / cfg.train.accumulate).backward()
+            with p.amp():
+                loss = p.loss_fn(p.forward(x), targets)
+            p.scaler.scale(loss / cfg.train.accumulate).backward()
             loss_sum += loss.detach()
-            if step % cfg.train.accumulate == 0 or step == n_batches:
+            if step % cfg.train.accumulate == 0 or step == p.n_batches:
                 if cfg.train.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.step()
-            if step % 20 == 0 or step == n_batches:  # one host sync every 20 steps, not every step
+                    p.scaler.unscale_(p.optimizer)
+                    torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.train.clip_grad)
+                p.scaler.step(p.optimizer)
+                p.scaler.update()
+                p.optimizer.zero_grad(set_to_none=True)
+                p.schedule.step()
+            # Read the loss every 20 steps only: each read makes the host wait for the device.
+            if step % 20 == 0 or step == p.n_batches:
                 if not torch.isfinite(loss_sum):
                     raise Diverged(
                         f"loss became {loss_sum.item()} at epoch {epoch}, step {step}; "
                         "lower optim.lr or set train.clip_grad"
                     )
                 bar.set_postfix(loss=f"{loss_sum.item() / step:.3f}")
-        seen += epoch_size
         train_seconds += time.perf_counter() - tick
 
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum.item() / n_batches,
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": epoch_size / (time.perf_counter() - tick),
-        }
-        probs = None
-        if len(val_labels):
-            val_probs, val_loss = evaluate(model, on, loss_fn, cfg.train.eval_batch_size, amp)
-            probs = val_probs.cpu().numpy()
-            predicted = probs.argmax(1)
-            metrics.update(
-                val_loss=val_loss.item(),
-                val_macro_f1=macro_f1(val_labels, predicted),
-                val_accuracy=float((predicted == val_labels).mean()),
-                val_per_class_f1=per_class_f1(val_labels, predicted).round(4).tolist(),
-            )
-            schedule.epoch_end(metrics["val_macro_f1"])
-        metrics["seconds"] = time.perf_counter() - tick
+        # Validate on the device, score on the host; a plateau schedule reacts to the score.
+        metrics, probs = epoch_metrics(p, cfg, epoch, loss_sum, val_labels, tick)
         history.append(metrics)
-        score = metrics.get("val_macro_f1", float(epoch))  # without validation, the last epoch is best
-        if score > best["f1"]:
-            best = {
-                "epoch": epoch,
-                "f1": score,
-                "probs": probs,
-                "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            }
+        if metrics.val_macro_f1 is not None:
+            p.schedule.epoch_end(metrics.val_macro_f1)
+        # Keep the best epoch's weights; without validation people the last epoch is the best.
+        best.offer(epoch, metrics.val_macro_f1 if probs is not None else float(epoch), p.model, probs)
         if progress:
-            shown = f"val macro-F1 {metrics['val_macro_f1']:.4f}" if probs is not None else "no validation"
-            tqdm.write(
-                f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, {shown}, "
-                f"{metrics['images_per_s']:.0f} img/s"
-            )
+            tqdm.write(str(metrics))
+        # Report the epoch: the search stops a hopeless run by raising here.
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+        # Stop early once validation macro-F1 has not improved for `patience` epochs.
         patience = cfg.train.patience
-        if patience and probs is not None and epoch - best["epoch"] >= patience:
+        if patience and probs is not None and epoch - best.epoch >= patience:
             stop_reason = f"early stop: no better val macro-F1 for {patience} epochs"
             break
 
-    model.load_state_dict(best["state"])
-    model.eval()
+    p.model.load_state_dict(best.state)
+    p.model.eval()
     return FitResult(
-        model=model,
-        best_epoch=best["epoch"],
-        best_val_macro_f1=best["f1"] if len(val_labels) else None,
+        model=p.model,
+        best_epoch=best.epoch,
+        best_val_macro_f1=best.score if len(val_labels) else None,
         history=history,
-        val_probs=best["probs"],
+        val_probs=best.probs,
         val_labels=val_labels,
         stop_reason=stop_reason,
-        images_per_s=seen / max(train_seconds, 1e-9),
+        images_per_s=p.epoch_size * len(history) / max(train_seconds, 1e-9),
         wall_s=time.perf_counter() - started,
     )
 
 
-# --- a run directory: model.safetensors + config.json + metrics.json --------------------------
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, value) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
-
-
-def preprocessing(cfg: TrainConfig) -> dict:
-    """What a deployment must do to a photo before the model sees it."""
-    return {
-        "image_size": list(cfg.data.image_size),
-        "center_crop": cfg.data.center_crop,
-        "mean": list(MEAN),
-        "std": list(STD),
-        "input": "RGB, centre crop, bilinear resize to image_size [H, W], scale to [0, 1], "
-        "subtract mean and divide by std per channel; float32 [batch, 3, H, W]",
-    }
-
-
-def write_model_dir(out: str | Path, cfg: TrainConfig, members: list[models.Classifier]) -> Path:
-    """model.safetensors (an Ensemble of `members`) and config.json (TrainConfig, classes, preprocessing)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ensemble = models.Ensemble(members)
-    state = {k: v.detach().cpu().contiguous() for k, v in ensemble.state_dict().items()}
-    _write_atomic(out / "model.safetensors", lambda p: save_file(state, str(p)))
-    cutoffs = AgeCutoffs()
-    write_json(
-        out / "config.json",
-        {
-            "train_config": cfg.to_dict(),
-            "members": len(members),
-            "classes": {str(c): class_name(c, cutoffs) for c in range(NUM_CLASSES)},
-            "preprocessing": preprocessing(cfg),
-        },
-    )
-    return out
-
-
 def save_run(out: str | Path, cfg: TrainConfig, result: FitResult) -> Path:
+    """A model directory (maskcls.rundir) plus metrics.json: the best epoch and every epoch's figures."""
     out = write_model_dir(out, cfg, [result.model])
     write_json(
         out / "metrics.json",
@@ -399,33 +368,10 @@ def save_run(out: str | Path, cfg: TrainConfig, result: FitResult) -> Path:
             "stop_reason": result.stop_reason,
             "images_per_s": result.images_per_s,
             "wall_s": result.wall_s,
-            "history": result.history,
+            "history": [m.to_dict() for m in result.history],
         },
     )
     return out
-
-
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, models.Ensemble]:
-    """The config and model of a run or export directory (weights only, never pickled code)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / "model.safetensors").is_file():
-        raise UserError(
-            f"{run_dir}: not a run or export directory (expected config.json and model.safetensors)"
-        )
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        cfg = TrainConfig.from_dict(saved["train_config"])
-        members = int(saved["members"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise UserError(
-            f"{run_dir / 'config.json'}: not a model config written by this project ({err})"
-        ) from None
-    # The saved weights replace whatever the backbone started from: no ImageNet download, no
-    # weights file needed where a model is deployed.
-    architecture = dataclasses.replace(cfg.model, pretrained=None)
-    model = models.Ensemble([models.build(architecture) for _ in range(members)])
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    return cfg, model.to(device).eval()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,8 +17,9 @@ from fake_cuda import CUDA, Traffic, fake_cuda
 from maskcls import losses, models
 from maskcls.config import LossConfig, ModelConfig
 from maskcls.data.batches import DeviceImages
+from maskcls.infer import predict_probs
 from maskcls.labels import NUM_CLASSES
-from maskcls.train import Draws, epoch_batches, evaluate, load_data, predict_probs, to_device
+from maskcls.train import Draws, epoch_batches, evaluate, load_data, to_device
 
 
 def host_draws(seed=0):

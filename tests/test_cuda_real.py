@@ -14,10 +14,11 @@ import yaml
 from hpo import spec as specs
 from hpo.objective import TrialFailed, make_objective
 from maskcls import losses, memory
+from maskcls.infer import infer
 from maskcls.labels import NUM_CLASSES
 from maskcls.models import build
 from maskcls.optim import build_optimizer
-from maskcls.train import Draws, epoch_batches, fit, infer, load_data, to_device
+from maskcls.train import Draws, epoch_batches, fit, load_data, to_device
 
 pytestmark = [
     pytest.mark.cuda,
@@ -31,7 +32,7 @@ def test_fit_trains_and_validates_on_the_gpu(tiny_cfg, backend):
     cfg = tiny_cfg.override({"train.epochs": 2, "augment.backend": backend, "augment.cutmix_p": 0.5})
     result = fit(cfg, load_data(cfg, progress=False), CUDA)
     assert len(result.history) == 2 and all(
-        "val_macro_f1" in h and h["val_loss"] >= 0 for h in result.history
+        h.val_macro_f1 is not None and h.val_loss >= 0 for h in result.history
     )
     assert next(result.model.parameters()).device.type == "cuda"
 

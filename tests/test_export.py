@@ -16,7 +16,7 @@ from maskcls.data import cache
 from maskcls.data.augment import Normalize, to_input
 from maskcls.data.layout import scan_eval
 from maskcls.metrics import macro_f1
-from maskcls.train import load_run
+from maskcls.rundir import load_run
 
 pytestmark = pytest.mark.slow
 
@@ -182,3 +182,40 @@ def test_config_preprocessing_alone_reproduces_the_model_outside_the_project(exp
         x = ((x - pre["mean"]) / pre["std"]).transpose(2, 0, 1)[None].astype(np.float32)
         got = session.run(["probabilities"], {"image": x})[0][0]
         assert np.abs(got - want).max() < 1e-4
+
+
+def test_a_plain_training_run_exports_without_a_study(tiny_cfg, tmp_path):
+    from maskcls.train import fit, load_data, save_run
+
+    cfg = tiny_cfg.override({"train.epochs": 2})
+    run = save_run(tmp_path / "run", cfg, fit(cfg, load_data(cfg, progress=False), "cpu"))
+    command = [sys.executable, "-m", "maskcls.export", str(run), "--out", str(tmp_path / "export")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "export"
+    assert {
+        "model.safetensors",
+        "config.json",
+        "model.onnx",
+        "submission.csv",
+        "report.md",
+        "metrics.json",
+    } <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained = json.loads((run / "metrics.json").read_text())
+    assert metrics["val_macro_f1"] == trained["val_macro_f1"] and metrics["onnx"]["max_abs_diff"] < 1e-4
+    assert (
+        f"| run (its validation people) | {trained['val_macro_f1']:.4f} |" in (out / "report.md").read_text()
+    )
+    expected, got = onnx_vs_torch(out, cfg.data.root)
+    assert (expected.argmax(1) == got.argmax(1)).all()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "pass --force" in again.stderr
+    not_a_run = subprocess.run(
+        [sys.executable, "-m", "maskcls.export", str(tmp_path), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert not_a_run.returncode == 2 and "not a run or export directory" in not_a_run.stderr
+    assert not (tmp_path / "x").exists() and "Traceback" not in not_a_run.stderr

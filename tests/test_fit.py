@@ -10,7 +10,8 @@ import pytest
 
 from maskcls.config import load
 from maskcls.predict import submission
-from maskcls.train import Diverged, fit, load_data, load_run, save_run
+from maskcls.rundir import load_run
+from maskcls.train import Diverged, fit, load_data, save_run
 
 CHOICES = (
     [{"loss.name": n} for n in ("ce", "focal", "label_smoothing", "f1", "ce_f1")]
@@ -38,7 +39,7 @@ def test_every_choice_trains_a_step(tiny_cfg, choice):
     cfg = tiny_cfg.override({**choice, "train.epochs": 2})
     result = fit(cfg, load_data(cfg, progress=False), "cpu")
     assert len(result.history) == 2 and result.best_epoch in (1, 2)
-    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+    assert all(math.isfinite(h.train_loss) for h in result.history)
     assert 0 <= result.best_val_macro_f1 <= 1
     assert result.val_probs.shape == (len(load_data(cfg, progress=False).val_rows), 18)
 
@@ -51,7 +52,7 @@ def test_on_epoch_gets_metrics_and_raising_stops_training(tiny_cfg):
         pass
 
     def on_epoch(epoch, metrics):
-        seen.append((epoch, set(metrics)))
+        seen.append((epoch, set(metrics.to_dict())))
         if epoch == 2:
             raise Stop
 
@@ -110,7 +111,7 @@ def test_a_200_person_run_learns_well_above_chance(tmp_path):
         },
     )
     result = fit(cfg, load_data(cfg, progress=False), "cpu")
-    print(f"val macro-F1 per epoch: {[round(h['val_macro_f1'], 3) for h in result.history]}")
+    print(f"val macro-F1 per epoch: {[round(h.val_macro_f1, 3) for h in result.history]}")
     assert result.best_val_macro_f1 > 0.15  # chance is 1/18 = 0.056
 
 
@@ -155,7 +156,7 @@ def test_early_stopping_follows_the_history(tiny_cfg):
     """With patience 1 the run continues exactly while each epoch beats the best so far."""
     cfg = tiny_cfg.override({"train.epochs": 8, "train.patience": 1, "optim.lr": 1e-2})
     result = fit(cfg, load_data(cfg, progress=False), "cpu")
-    scores = [h["val_macro_f1"] for h in result.history]
+    scores = [h.val_macro_f1 for h in result.history]
     improved = [s > max(scores[:i]) for i, s in enumerate(scores) if i > 0]
     assert all(improved[:-1])  # it went on only after improvements
     if len(scores) < 8:

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from hpo.storage import open_storage
 from maskcls.config import ModelConfig
-from maskcls.train import fit, load_data, load_run, save_run
+from maskcls.rundir import load_run
+from maskcls.train import fit, load_data, save_run
 from maskcls.weights import hub_location, read_spec, spec_models
 
 TINY = "mobilenetv3_small_050"

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from maskcls.errors import DataError
+from maskcls.rundir import write_atomic
 
 VERSION = 2  # bump when the preprocessing below changes
 
@@ -72,28 +73,21 @@ def build(
 
 
 def _write(target: Path, paths, size, center_crop, workers, progress) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
-
-    def fill(i: int) -> None:
+    def fill(i: int, array: np.ndarray) -> None:
         try:
             array[i] = load_image(paths[i], size, center_crop)
         except (OSError, SyntaxError, ValueError) as err:
             raise DataError([f"{paths[i]}: not a decodable image ({err})"]) from None
 
-    try:
+    def decode_all(tmp: Path) -> None:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:  # PIL frees the GIL
+            jobs = pool.map(lambda i: fill(i, array), range(len(paths)))
             list(
                 tqdm(
-                    pool.map(fill, range(len(paths))),
-                    total=len(paths),
-                    desc="decode once",
-                    unit="img",
-                    disable=not progress,
-                    leave=False,
+                    jobs, total=len(paths), desc="decode once", unit="img", disable=not progress, leave=False
                 )
             )
         array.flush()
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(target, decode_all)

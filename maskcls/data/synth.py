@@ -19,8 +19,6 @@ import argparse
 import hashlib
 import io
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from tqdm import tqdm
 from maskcls.cli import run_main
 from maskcls.errors import UserError
 from maskcls.labels import MASK_STEMS, AgeCutoffs, Gender, Mask, age_band, encode
+from maskcls.rundir import building
 
 FEMALE_SHARE = 0.614  # 1,658 of 2,700 people
 OLD_SHARE = 0.071  # 192 of 2,700 people are 60
@@ -264,10 +263,9 @@ def generate(
     opts = Options(width=size[0], height=size[1])
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as err:
         raise UserError(f"{out}: cannot create it there ({err.strerror})") from None
-    try:
+    with building(out) as tmp:
         (tmp / "train" / "images").mkdir(parents=True)
         (tmp / "train" / "images" / ".ipynb_checkpoints").mkdir()
         if eval_people:
@@ -296,12 +294,6 @@ def generate(
             shuffled = [eval_rows[i] for i in order]
             _write_csv(tmp / "eval" / "info.csv", ["ImageID", "ans"], [[i, 0] for i, _ in shuffled])
             _write_csv(tmp / "eval" / "gt.csv", ["ImageID", "ans"], [[i, a] for i, a in shuffled])
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

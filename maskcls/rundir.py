@@ -1,0 +1,132 @@
+"""The model-directory format, one for training runs and exports, and the atomic writes behind
+every file and folder the project makes.
+
+A model directory holds `model.safetensors` (an Ensemble of one or more members) and `config.json`
+(the TrainConfig, the member count, the class names and the preprocessing a deployment repeats);
+a training run adds `metrics.json`, an export its ONNX model, report and submission.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from maskcls.config import MEAN, STD, TrainConfig
+from maskcls.errors import UserError
+from maskcls.labels import NUM_CLASSES, AgeCutoffs, class_name
+
+if TYPE_CHECKING:  # torch and the models load only where a model directory is written or read:
+    import pandas as pd  # the data cache and the stand-in use the atomic writes without them
+    import torch
+
+    from maskcls import models
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` fills a temporary name beside `path`, which is then renamed into place: a
+    reader sees the old file or the whole new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    return write_atomic(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+@contextlib.contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to build a directory in. When the block ends it replaces
+    `out` (an old `out` goes only once the new one is complete); when the block fails it goes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        old = out.with_name(f".{out.name}.old.{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_csv(table: pd.DataFrame, path: str | Path) -> Path:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, lambda p: table.to_csv(p, index=False))
+
+
+def preprocessing(cfg: TrainConfig) -> dict[str, Any]:
+    """What a deployment must do to a photo before the model sees it."""
+    return {
+        "image_size": list(cfg.data.image_size),
+        "center_crop": cfg.data.center_crop,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "input": "RGB, centre crop, bilinear resize to image_size [H, W], scale to [0, 1], "
+        "subtract mean and divide by std per channel; float32 [batch, 3, H, W]",
+    }
+
+
+def write_model_dir(out: str | Path, cfg: TrainConfig, members: list[models.Classifier]) -> Path:
+    """model.safetensors (an Ensemble of `members`) and config.json (TrainConfig, classes, preprocessing)."""
+    from safetensors.torch import save_file
+
+    from maskcls import models
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ensemble = models.Ensemble(members)
+    state = {k: v.detach().cpu().contiguous() for k, v in ensemble.state_dict().items()}
+    write_atomic(out / "model.safetensors", lambda p: save_file(state, str(p)))
+    cutoffs = AgeCutoffs()
+    write_json(
+        out / "config.json",
+        {
+            "train_config": cfg.to_dict(),
+            "members": len(members),
+            "classes": {str(c): class_name(c, cutoffs) for c in range(NUM_CLASSES)},
+            "preprocessing": preprocessing(cfg),
+        },
+    )
+    return out
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, models.Ensemble]:
+    """The config and model of a run or export directory (weights only, never pickled code)."""
+    from safetensors.torch import load_file
+
+    from maskcls import models
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() or not (run_dir / "model.safetensors").is_file():
+        raise UserError(
+            f"{run_dir}: not a run or export directory (expected config.json and model.safetensors)"
+        )
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        cfg = TrainConfig.from_dict(saved["train_config"])
+        members = int(saved["members"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"{run_dir / 'config.json'}: not a model config written by this project ({err})"
+        ) from None
+    # The saved weights replace whatever the backbone started from: no ImageNet download, no
+    # weights file needed where a model is deployed.
+    architecture = dataclasses.replace(cfg.model, pretrained=None)
+    model = models.Ensemble([models.build(architecture) for _ in range(members)])
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    return cfg, model.to(device).eval()
