@@ -79,10 +79,3 @@ def class_name(label: int, cutoffs: AgeCutoffs = AgeCutoffs()) -> str:
         AgeBand.OLD: f"{cutoffs.old}+",
     }[band]
     return f"{mask.name.lower()}/{gender.name.lower()}/{ages}"
-
-
-def mask_of_stem(stem: str) -> Mask:
-    try:
-        return MASK_STEMS[stem]
-    except KeyError:
-        raise ValueError(f"unknown image name {stem!r}; expected one of {sorted(MASK_STEMS)}") from None

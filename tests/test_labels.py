@@ -14,7 +14,6 @@ from maskcls.labels import (
     class_name,
     decode,
     encode,
-    mask_of_stem,
 )
 
 EXPECTED_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
@@ -25,7 +24,7 @@ AGES = {18: 0, 29: 0, 30: 1, 31: 1, 57: 1, 58: 1, 59: 1, 60: 2}
 def test_every_stem_gender_age_combination(stem, gender, age):
     g = {"male": 0, "female": 1}[gender]
     expected = EXPECTED_MASK[stem] * 6 + g * 3 + AGES[age]
-    label = encode(mask_of_stem(stem), Gender(g), age_band(age))
+    label = encode(MASK_STEMS[stem], Gender(g), age_band(age))
     assert label == expected
     assert decode(label) == (Mask(EXPECTED_MASK[stem]), Gender(g), AgeBand(AGES[age]))
 
@@ -52,8 +51,7 @@ def test_every_class_round_trips_and_has_a_distinct_name():
 
 
 def test_bad_values_are_refused():
-    with pytest.raises(ValueError, match="mask6"):
-        mask_of_stem("mask6")
+    assert "mask6" not in MASK_STEMS  # the layout reports such a file as unexpected
     with pytest.raises(ValueError):
         decode(18)
     with pytest.raises(ValueError):

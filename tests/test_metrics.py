@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, f1_score
+
+from maskcls.metrics import confusion, macro_f1, per_class_f1
+
+CLASSES = list(range(18))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_numpy_metrics_equal_scikit_learns(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    y_true = rng.integers(0, 18, n)
+    y_pred = np.where(rng.random(n) < 0.5, y_true, rng.integers(0, 12, n))  # some classes never predicted
+    expected = f1_score(y_true, y_pred, labels=CLASSES, average=None, zero_division=0)
+    assert np.allclose(per_class_f1(y_true, y_pred), expected)
+    assert macro_f1(y_true, y_pred) == pytest.approx(
+        f1_score(y_true, y_pred, labels=CLASSES, average="macro", zero_division=0)
+    )
+    assert np.array_equal(confusion(y_true, y_pred), confusion_matrix(y_true, y_pred, labels=CLASSES))
+
+
+def test_a_class_never_seen_nor_predicted_scores_zero():
+    assert per_class_f1(np.array([0, 0]), np.array([0, 0])).tolist() == [1.0] + [0.0] * 17
+    assert macro_f1(np.array([0, 0]), np.array([0, 0])) == pytest.approx(1 / 18)
