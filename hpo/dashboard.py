@@ -7,15 +7,14 @@ plain CLI works too: `optuna-dashboard sqlite:///runs/demo/study.db --artifact-d
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import optuna_dashboard
 from optuna.artifacts import FileSystemArtifactStore
 
 from hpo import spec as specs
+from hpo.protocol import artifacts_dir
 from hpo.storage import masked, open_storage, resolve_url
 from maskcls.cli import run_main
 from maskcls.errors import UserError
@@ -34,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = specs.load(args.study)
     url = resolve_url(args.storage, spec)
     storage = open_storage(url)
-    artifacts = Path(args.artifacts or os.environ.get("HPO_ARTIFACTS") or spec.runs_dir / "artifacts")
+    artifacts = artifacts_dir(args.artifacts, spec.runs_dir)
     if not artifacts.is_dir():
         raise UserError(
             f"artifact directory {artifacts} not found (run the study first, or pass --artifacts)"

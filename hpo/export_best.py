@@ -14,7 +14,6 @@ to the study as a zip artifact and recorded in the study's `export` user attr.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from hpo import spec as specs
+from hpo.protocol import Attr, artifacts_dir, export_dir, ranked
 from hpo.storage import FINISHED, masked, open_storage, resolve_url
 from maskcls.cli import run_main
 from maskcls.config import TrainConfig
@@ -53,13 +53,13 @@ class Retrain:
 def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
     trials = study.get_trials(deepcopy=False)
     if number is None:
-        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if not complete:
+        best = ranked(study)[:1]
+        if not best:
             raise UserError(
                 f"study {study.study_name!r} has no finished trial yet; run "
                 f"`python -m hpo.run --study {study.study_name}` first"
             )
-        trial = max(complete, key=lambda t: t.value)
+        trial = best[0]
     else:
         found = [t for t in trials if t.number == number]
         if not found:
@@ -72,7 +72,7 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
         trial = found[0]
         if trial.state not in FINISHED:
             raise UserError(f"trial {number} is {trial.state.name}; export a complete or pruned trial")
-    if "config" not in trial.user_attrs:
+    if Attr.CONFIG not in trial.user_attrs:
         raise UserError(f"trial {trial.number} has no stored config (was it run by hpo.run?)")
     return trial
 
@@ -110,7 +110,7 @@ def retrain(
             labels,
             probs,
         )
-    epochs = int(trial.user_attrs.get("best_epoch") or cfg.train.epochs)
+    epochs = int(trial.user_attrs.get(Attr.BEST_EPOCH) or cfg.train.epochs)
     everyone = cfg.override({"train.epochs": epochs, "train.patience": None})
     result = fit(everyone, load_data(everyone).everyone(), device, progress=True)
     return Retrain(f"all training people, {epochs} epochs", [result.model], everyone)
@@ -154,7 +154,7 @@ def record(
             artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=archive, study_or_trial=study
         )
     study.set_user_attr(
-        "export",
+        Attr.EXPORT,
         {
             "path": str(out.resolve()),
             "trial": trial.number,
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--folds must be at least 2")
 
     spec = specs.load(args.study)
-    out = Path(args.out or spec.runs_dir / "export")
+    out = export_dir(args.out, spec.runs_dir)
     check_out(out, args.force)
     url = resolve_url(args.storage, spec)
     try:
@@ -201,13 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"no study {spec.name!r} in {masked(url)}; run `python -m hpo.run --study {args.study}`"
         ) from None
     trial = pick_trial(study, args.trial)
-    cfg = TrainConfig.from_dict(trial.user_attrs["config"])
+    cfg = TrainConfig.from_dict(trial.user_attrs[Attr.CONFIG])
     if args.data:
         cfg = cfg.override({"data.root": str(Path(args.data).expanduser())})
     device = pick_device(args.device)
     # On the CPU the thread count changes the order of float sums, and over a few epochs that moves
     # validation macro-F1 by a few points on a small set; --holdout reproduces the trial with its own.
-    threads = trial.user_attrs.get("threads") if args.holdout and device.type == "cpu" else None
+    threads = trial.user_attrs.get(Attr.THREADS) if args.holdout and device.type == "cpu" else None
     configure_cpu(threads)
     print(
         f"exporting trial {trial.number} (val macro-F1 {trial.value}) of study {spec.name}", file=sys.stderr
@@ -217,8 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with building(out) as tmp:
         write_model_dir(tmp, done.config, done.members)
         figures = complete(tmp, cfg.data.root, device, export_info(study, trial, done))
-    artifacts = Path(args.artifacts or os.environ.get("HPO_ARTIFACTS") or spec.runs_dir / "artifacts")
-    record(study, trial, done, out, figures, artifacts)
+    record(study, trial, done, out, figures, artifacts_dir(args.artifacts, spec.runs_dir))
     print((out / "report.md").read_text())
     print(f"wrote {out}")
     return 0

@@ -10,7 +10,6 @@ diverges fails with its reason recorded; the worker releases the memory and goes
 from __future__ import annotations
 
 import json
-import os
 import resource
 import socket
 import tempfile
@@ -22,6 +21,7 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from hpo import space
+from hpo.protocol import Attr, worker_id
 from hpo.spec import StudySpec
 from maskcls import memory, plots
 from maskcls.config import TrainConfig
@@ -38,12 +38,8 @@ class TrialFailed(Exception):
     """A trial that failed for a recorded reason; the worker goes on with the next one."""
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def fail(trial: optuna.Trial, reason: str) -> TrialFailed:
-    trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr(Attr.FAIL_REASON, reason)
     return TrialFailed(reason)
 
 
@@ -71,14 +67,14 @@ def hold_gpu_memory(trial: optuna.Trial, cfg: TrainConfig, n_images: int, device
     """Estimate what the trial needs and hold it on the GPU before anything is allocated, waiting for
     the trials it shares the GPU with; a trial that cannot fit fails now, not halfway."""
     need = memory.estimate(cfg, n_images, autocast(cfg, device)[1])
-    trial.set_user_attr("memory_need_mb", round(need.total / 2**20, 1))
+    trial.set_user_attr(Attr.MEMORY_NEED_MB, round(need.total / 2**20, 1))
     try:
         waited = memory.reserve(need.total, device, MEMORY_WAIT_S)
     except memory.NoRoom as err:
         raise fail(
             trial, f"does not fit on {torch.cuda.get_device_name(device)}: {err}; need {need}"
         ) from None
-    trial.set_user_attr("memory_wait_s", round(waited, 1))
+    trial.set_user_attr(Attr.MEMORY_WAIT_S, round(waited, 1))
     torch.cuda.reset_peak_memory_stats(device)  # the peak is the trial's, not the reservation's
 
 
@@ -91,22 +87,22 @@ def make_objective(
         except (optuna.TrialPruned, TrialFailed):
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+            trial.set_user_attr(Attr.FAIL_REASON, "interrupted (Ctrl-C or SIGTERM)")
             raise
         except Exception as err:
-            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:500])
+            trial.set_user_attr(Attr.FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
             raise
 
     def run(trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr(Attr.WORKER, worker_id())
         refuse_surplus(trial, target)
         cfg = spec.base.override(space.suggest(trial, spec.params))
-        trial.set_user_attr("config", cfg.to_dict())
+        trial.set_user_attr(Attr.CONFIG, cfg.to_dict())
         trial.set_user_attr(
-            "device", str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+            Attr.DEVICE, str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
         )
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("threads", torch.get_num_threads())  # export --holdout reproduces with it
+        trial.set_user_attr(Attr.HOST, socket.gethostname())
+        trial.set_user_attr(Attr.THREADS, torch.get_num_threads())  # export --holdout reproduces with it
         data = load_data(cfg, progress=False)
         if device.type == "cuda":
             hold_gpu_memory(trial, cfg, len(data.table), device)
@@ -149,13 +145,13 @@ def _record(
 ) -> None:
     best = result.history[result.best_epoch - 1]
     for key, value in {
-        "best_epoch": result.best_epoch,
-        "per_class_f1": best.val_per_class_f1,
-        "val_accuracy": round(best.val_accuracy, 4),
-        "images_per_s": round(result.images_per_s, 1),
-        "wall_s": round(result.wall_s, 1),
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "stop_reason": result.stop_reason,
+        Attr.BEST_EPOCH: result.best_epoch,
+        Attr.PER_CLASS_F1: best.val_per_class_f1,
+        Attr.VAL_ACCURACY: round(best.val_accuracy, 4),
+        Attr.IMAGES_PER_S: round(result.images_per_s, 1),
+        Attr.WALL_S: round(result.wall_s, 1),
+        Attr.PEAK_MEMORY_MB: round(peak_memory_mb(device), 1),
+        Attr.STOP_REASON: result.stop_reason,
     }.items():
         trial.set_user_attr(key, value)
     if artifacts is None:

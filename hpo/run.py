@@ -10,30 +10,28 @@ recovered by the heartbeat. Ctrl-C stops cleanly: no trial is left RUNNING.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from filelock import FileLock
-from tqdm import tqdm
 
 from hpo import spec as specs
+from hpo.progress import Progress, SlotStatus, summary
+from hpo.protocol import Attr, Exit, WorkerArgs, artifacts_dir, quiet_experimental, worker_id
 from hpo.storage import counts, masked, open_storage, resolve_url, retry
-from hpo.worker import EXIT_TOO_MANY_FAILURES
 from maskcls import weights
 from maskcls.cli import run_main
-from maskcls.data.layout import scan
-from maskcls.data.synth import generate
 from maskcls.errors import UserError
 
-RUNNING = optuna.trial.TrialState.RUNNING
 MAX_RESTARTS_PER_SLOT = 5
 STOP_GRACE_S = 30  # after Ctrl-C/SIGTERM, workers get this long to mark their trials failed
 
@@ -50,23 +48,39 @@ class Slot:
     log: Path | None = None
     restarts: int = 0
     done: bool = False
-    bar: tqdm | None = field(default=None, repr=False)
 
     @property
     def worker(self) -> str:
-        return f"{socket.gethostname()}:{self.proc.pid}" if self.proc else ""
+        return worker_id(self.proc.pid) if self.proc else ""
+
+    def status(self) -> SlotStatus:
+        return SlotStatus(self.name, self.worker, self.done)
+
+
+def gpu_count() -> int:
+    """The NVIDIA GPUs of this machine, from the driver's NVML library (as nvidia-smi counts them);
+    0 without a driver. The dispatcher never imports torch."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_uint(0)
+    if nvml.nvmlInit_v2() != 0:
+        return 0
+    try:
+        return count.value if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 else 0
+    finally:
+        nvml.nvmlShutdown()
 
 
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, each named as CUDA_VISIBLE_DEVICES names it: under
     CUDA_VISIBLE_DEVICES=2,3 they are "2" and "3" (or UUIDs, MIG ids), else "0".."N-1"."""
-    import torch
-
-    available = torch.cuda.device_count()
+    available = gpu_count()
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is None:
         return [str(i) for i in range(available)]
-    return [name.strip() for name in listed.split(",")][:available]  # CUDA stops at the first bad entry
+    return [name.strip() for name in listed.split(",") if name.strip()][:available]
 
 
 def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None) -> list[Slot]:
@@ -100,89 +114,64 @@ def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None) -> list[Slot]
 
 def prepare_data(spec: specs.StudySpec) -> None:
     """Generate the spec's stand-in on first use (once, even with several commands), then scan it."""
+    from maskcls.data.layout import scan  # pandas and PIL load here, not for --help
+    from maskcls.data.synth import generate
+
     root = Path(spec.base.data.root)
     if spec.synth and not root.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root) + ".lock"):
             if not root.exists():
-                size = spec.synth.get("size", [384, 512])
                 print(f"generating the stand-in data set in {root} (first use)", file=sys.stderr)
-                generate(
-                    root,
-                    people=spec.synth.get("people", 200),
-                    eval_people=spec.synth.get("eval_people", 50),
-                    seed=spec.synth.get("seed", 0),
-                    size=(size[0], size[1]),
-                )
+                synth = spec.synth
+                generate(root, synth.people, synth.eval_people, synth.seed, (synth.size[0], synth.size[1]))
     scan(root, spec.base.data.corrections)
 
 
+def check_weights(spec: specs.StudySpec) -> None:
+    """Every backbone the spec can choose has its weights before the first trial: ImageNet ones are
+    fetched once here (in a subprocess: timm stays out of the dispatcher), files must exist."""
+    weights.ensure(m for m in spec.models if m.pretrained != weights.IMAGENET)
+    if any(m.pretrained == weights.IMAGENET for m in spec.models):
+        command = [sys.executable, "-m", "maskcls.weights", "fetch", "--study", str(spec.path)]
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+            raise UserError(errors[-1].removeprefix("error: ") if errors else done.stderr.strip()[-2000:])
+
+
 class Dispatcher:
-    def __init__(
-        self,
-        spec: specs.StudySpec,
-        url: str,
-        target: int,
-        slots: list[Slot],
-        artifacts: Path,
-        deadline: float | None,
-        progress: bool,
-    ):
-        self.spec, self.url, self.target, self.slots = spec, url, target, slots
-        self.artifacts, self.deadline = artifacts, deadline
-        # Live bars on a terminal; in a log file (CI, nohup) one plain line per change instead.
-        self.bars = progress and sys.stderr.isatty()
-        self.lines = progress and not self.bars
-        self.last_line = ""
-        self.study = optuna.load_study(study_name=spec.name, storage=open_storage(url, spec.heartbeat))
+    """Keeps one worker process per slot running until the study holds its target: restarts a
+    worker that dies (failing and re-queueing its trial), stops everything cleanly on Ctrl-C."""
+
+    def __init__(self, spec: specs.StudySpec, slots: list[Slot], args: WorkerArgs, progress: Progress):
+        self.spec, self.slots, self.args, self.progress = spec, slots, args, progress
+        self.study = optuna.load_study(
+            study_name=spec.name, storage=open_storage(args.storage, spec.heartbeat)
+        )
         self.log_dir = spec.runs_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, slot: Slot) -> None:
         slot.log = self.log_dir / f"{slot.name}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "hpo.worker",
-            "--study",
-            str(self.spec.path),
-            "--storage",
-            self.url,
-            "--target",
-            str(self.target),
-            "--device",
-            slot.device,
-            "--artifacts",
-            str(self.artifacts),
-            "--data",
-            self.spec.base.data.root,
-        ]
-        if slot.threads:
-            command += ["--threads", str(slot.threads)]
-        if self.deadline:
-            command += ["--deadline", str(self.deadline)]
+        args = dataclasses.replace(self.args, device=slot.device, threads=slot.threads)
         with open(slot.log, "a") as log:
             slot.proc = subprocess.Popen(
-                command,
+                [sys.executable, "-m", "hpo.worker", *args.to_argv()],
                 env={**os.environ, **slot.env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
 
-    def running_trials_of(self, slot: Slot) -> list[optuna.trial.FrozenTrial]:
-        return [
-            t
-            for t in self.study.get_trials(deepcopy=False, states=(RUNNING,))
-            if t.user_attrs.get("worker") == slot.worker
-        ]
-
     def fail_trials_of(self, slot: Slot, reason: str, requeue: bool) -> list[int]:
+        """Mark the RUNNING trials of a slot's (dead or stopped) worker failed, and re-queue them."""
         failed = []
-        for trial in self.running_trials_of(slot):
-            storage = self.study._storage
+        running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        storage = self.study._storage
+        for trial in (t for t in running if t.user_attrs.get(Attr.WORKER) == slot.worker):
             try:
-                storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+                storage.set_trial_user_attr(trial._trial_id, Attr.FAIL_REASON, reason)
                 if storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
                     failed.append(trial.number)
                     if requeue:
@@ -194,87 +183,48 @@ class Dispatcher:
     def run(self) -> int:
         for slot in self.slots:
             self.start(slot)
-        overall = tqdm(
-            total=self.target,
-            desc=f"{self.spec.name}",
-            unit="trial",
-            disable=not self.bars,
-            position=0,
-            dynamic_ncols=True,
-        )
-        for i, slot in enumerate(self.slots, start=1):
-            slot.bar = tqdm(total=0, bar_format="{desc}", position=i, disable=not self.bars)
         try:
             while not all(s.done for s in self.slots):
                 code = self.check_workers()
                 if code is not None:
                     return code
-                self.show(overall)
+                self.progress.update(self.study, [s.status() for s in self.slots])
                 time.sleep(1.0)
-            self.show(overall)
+            self.progress.update(self.study, [s.status() for s in self.slots])
         finally:
-            for bar in [overall] + [s.bar for s in self.slots]:
-                bar.close()
-        return 0
+            self.progress.close()
+        return Exit.OK
 
     def check_workers(self) -> int | None:
         for slot in self.slots:
             if slot.done or slot.proc is None or slot.proc.poll() is None:
                 continue
             code = slot.proc.returncode
-            if code == 0:
+            if code == Exit.OK:
                 slot.done = True
-            elif code == EXIT_TOO_MANY_FAILURES:
+            elif code == Exit.TOO_MANY_FAILURES:
                 self.stop("stopping: a worker saw too many failed trials in a row")
                 print(self.log_tail(slot), file=sys.stderr)
-                return 1
+                return Exit.FAILED
             else:
                 failed = self.fail_trials_of(
                     slot, f"worker {slot.name} died (exit code {code})", requeue=True
                 )
-                tqdm.write(
+                self.progress.note(
                     f"worker {slot.name} died (exit code {code}); trial(s) {failed or 'none'} failed and "
-                    f"re-queued; log: {slot.log}",
-                    file=sys.stderr,
+                    f"re-queued; log: {slot.log}"
                 )
                 slot.restarts += 1
                 if slot.restarts > MAX_RESTARTS_PER_SLOT:
                     self.stop(f"stopping: worker {slot.name} died {slot.restarts} times")
                     print(self.log_tail(slot), file=sys.stderr)
-                    return 1
+                    return Exit.FAILED
                 self.start(slot)
         return None
 
-    def show(self, overall: tqdm) -> None:
-        trials = self.study.get_trials(deepcopy=False)
-        now = counts(self.study)
-        overall.n = min(now["finished"], self.target)
-        best = max((t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE), default=None)
-        overall.set_postfix(
-            best=f"{best:.4f}" if best is not None else "-",
-            pruned=now["pruned"],
-            failed=now["fail"],
-            running=now["running"],
-            refresh=False,
-        )
-        overall.refresh()
-        by_worker = {t.user_attrs.get("worker"): t for t in trials if t.state == RUNNING}
-        epochs = self.spec.base.train.epochs
-        for slot in self.slots:
-            trial = by_worker.get(slot.worker)
-            if slot.done:
-                text = "done"
-            elif trial is None:
-                text = "waiting for a trial"
-            else:
-                last = max(trial.intermediate_values, default=0)
-                f1 = f", val macro-F1 {trial.intermediate_values[last]:.4f}" if last else ""
-                text = f"trial {trial.number}: epoch {last}/{epochs}{f1}"
-            slot.bar.set_description_str(f"  {slot.name:>8s} {text}")
-
     def stop(self, message: str) -> None:
         """Interrupt every worker, let each mark its trial failed, and make sure none stays RUNNING."""
-        tqdm.write(message, file=sys.stderr)
+        self.progress.note(message)
         live = [s for s in self.slots if s.proc and s.proc.poll() is None]
         for slot in live:
             slot.proc.send_signal(signal.SIGINT)
@@ -293,45 +243,12 @@ class Dispatcher:
         return f"last lines of {slot.log}:\n" + "\n".join(text[-lines:])
 
 
-def summary(study: optuna.Study, target: int, spec: specs.StudySpec, url: str, artifacts: Path) -> str:
-    now = counts(study)
-    study_arg = spec.name if spec.path.parent == specs.STUDIES_DIR else spec.path
-    complete = sorted(
-        (t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE),
-        key=lambda t: t.value,
-        reverse=True,
-    )
-    lines = [
-        f"study {spec.name}: {now['finished']}/{target} finished ({now['complete']} complete, "
-        f"{now['pruned']} pruned), {now['fail']} failed, {now['running']} running"
-    ]
-    if complete:
-        lines.append(f"{'trial':>6s} {'val macro-F1':>12s} {'epoch':>5s} {'peak GiB':>8s}  params")
-        for t in complete[:5]:
-            params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
-            peak = t.user_attrs.get("peak_memory_mb")
-            peak_gib = f"{peak / 1024:.2f}" if peak is not None else "-"
-            epoch = t.user_attrs.get("best_epoch", "-")
-            lines.append(f"{t.number:6d} {t.value:12.4f} {epoch!s:>5s} {peak_gib:>8s}  {params}")
-    lines += [
-        "",
-        "dashboard:",
-        f"  python -m hpo.dashboard --study {study_arg}",
-        f"  optuna-dashboard {masked(url)} --artifact-dir {artifacts}",
-    ]
-    return "\n".join(lines)
-
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
 def _terminate(signum, frame) -> None:
     """SIGTERM (docker stop, a scheduler) stops the run like Ctrl-C does."""
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m hpo.run",
         description=__doc__.split("\n")[0],
@@ -354,16 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1 or args.trials_per_gpu < 1:
         raise UserError("--workers and --trials-per-gpu must be at least 1")
+    return args
 
-    spec = specs.load(args.study).with_data(args.data)
-    target = spec.n_trials if args.n_trials is None else args.n_trials
-    if target < 1:
-        raise UserError(f"--n-trials must be at least 1, got {target}")
-    slots = gpu_slots(args.gpus, args.trials_per_gpu, args.workers)
-    url = resolve_url(args.storage, spec)
-    storage = open_storage(url, spec.heartbeat)
-    prepare_data(spec)  # a data or weights problem stops here, before anything is written to the storage
-    weights.ensure(spec.models)  # ImageNet weights fetched once here, not by every worker
+
+def open_study(spec: specs.StudySpec, storage: optuna.storages.RDBStorage) -> optuna.Study:
+    """Create the study, or load it when another machine or an earlier run made it."""
     study = optuna.create_study(
         study_name=spec.name,
         storage=storage,
@@ -372,10 +284,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         pruner=spec.make_pruner(),
         load_if_exists=True,
     )
-    study.set_metric_names([specs.METRIC])  # the dashboard's axes say val_macro_f1, not "Objective 0"
+    with quiet_experimental():
+        study.set_metric_names([specs.METRIC])  # the dashboard's axes say val_macro_f1, not "Objective 0"
     for recipe in spec.enqueue:
         study.enqueue_trial(recipe, skip_if_exists=True)
-    artifacts = Path(args.artifacts or os.environ.get("HPO_ARTIFACTS") or spec.runs_dir / "artifacts")
+    return study
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    spec = specs.load(args.study).with_data(args.data)
+    target = spec.n_trials if args.n_trials is None else args.n_trials
+    if target < 1:
+        raise UserError(f"--n-trials must be at least 1, got {target}")
+    slots = gpu_slots(args.gpus, args.trials_per_gpu, args.workers)
+    url = resolve_url(args.storage, spec)
+    storage = open_storage(url, spec.heartbeat)
+    prepare_data(spec)  # a data or weights problem stops here, before anything is written to the storage
+    check_weights(spec)
+    study = open_study(spec, storage)
+    artifacts = artifacts_dir(args.artifacts, spec.runs_dir)
     artifacts.mkdir(parents=True, exist_ok=True)
     before = counts(study)
     print(
@@ -383,12 +311,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(slots)} worker(s): {', '.join(s.name for s in slots)}",
         file=sys.stderr,
     )
-
     if before["finished"] >= target:
         print(summary(study, target, spec, url, artifacts))
-        return 0
+        return Exit.OK
     deadline = time.time() + args.timeout if args.timeout else None
-    dispatcher = Dispatcher(spec, url, target, slots, artifacts, deadline, progress=not args.no_progress)
+    worker_args = WorkerArgs(
+        str(spec.path), url, target, data=spec.base.data.root, artifacts=str(artifacts), deadline=deadline
+    )
+    progress = Progress(spec, target, [s.name for s in slots], enabled=not args.no_progress)
+    dispatcher = Dispatcher(spec, slots, worker_args, progress)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         code = dispatcher.run()
@@ -396,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dispatcher.stop("interrupted: stopping the workers; running trials are marked failed")
         print(summary(study, target, spec, url, artifacts), file=sys.stderr)
         print("re-run the same command to continue the study", file=sys.stderr)
-        return 130
+        return Exit.INTERRUPTED
     print(summary(study, target, spec, url, artifacts))
     return code
 

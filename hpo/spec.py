@@ -16,9 +16,9 @@ heartbeat: {interval: 10, grace: 60, max_retry: 2}
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 import optuna
 
 from hpo import space
+from hpo.protocol import quiet_experimental
 from maskcls.config import ModelConfig, TrainConfig, read_yaml
 from maskcls.errors import ConfigError, UserError
 from maskcls.weights import spec_models
@@ -79,15 +80,34 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class SynthSpec:
+    """The stand-in to generate at data.root when it is missing (maskcls.data.synth)."""
+
+    people: int = 200
+    eval_people: int = 50
+    seed: int = 0
+    size: tuple[int, int] = (384, 512)  # photo width x height
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A sampler or pruner: its name in SAMPLERS / PRUNERS and the keyword options it is built with."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None  # samplers only
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     path: Path
     storage: str | None
     base: TrainConfig  # fixed values applied; every trial starts from it
-    synth: dict | None  # stand-in to generate at data.root when missing
+    synth: SynthSpec | None
     n_trials: int
-    sampler: dict
-    pruner: dict
+    sampler: Strategy
+    pruner: Strategy
     params: list[space.Param]
     enqueue: list[dict]
     heartbeat: Heartbeat
@@ -100,17 +120,14 @@ class StudySpec:
     def make_sampler(self, worker: str | None = None) -> optuna.samplers.BaseSampler:
         """Each worker gets its own seed derived from the spec's: with one shared seed, parallel
         workers draw the same points at the same moment, which constant liar cannot prevent."""
-        options = {k: v for k, v in self.sampler.items() if k not in ("name", "seed")}
-        seed = self.sampler.get("seed")
+        seed = self.sampler.seed
         if seed is not None and worker is not None:
             seed = int(np.random.SeedSequence([seed, *worker.encode()]).generate_state(1)[0] >> 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return SAMPLERS[self.sampler["name"]](seed, **options)
+        with quiet_experimental():
+            return SAMPLERS[self.sampler.name](seed, **self.sampler.options)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
-        options = {k: v for k, v in self.pruner.items() if k != "name"}
-        return PRUNERS[self.pruner["name"]](self.base.train.epochs, **options)
+        return PRUNERS[self.pruner.name](self.base.train.epochs, **self.pruner.options)
 
     def with_data(self, root: str | None) -> StudySpec:
         if not root:
@@ -165,8 +182,8 @@ def load(name_or_path: str) -> StudySpec:
     enqueue = [
         space.check_recipe(r, params, f"{path}: enqueue[{i}]") for i, r in enumerate(raw.get("enqueue") or [])
     ]
-    sampler = _choice(raw.get("sampler") or {"name": "tpe"}, SAMPLERS, f"{path}: sampler")
-    pruner = _choice(raw.get("pruner") or {"name": "hyperband"}, PRUNERS, f"{path}: pruner")
+    sampler = _strategy(raw.get("sampler") or "tpe", SAMPLERS, f"{path}: sampler", seeded=True)
+    pruner = _strategy(raw.get("pruner") or "hyperband", PRUNERS, f"{path}: pruner", seeded=False)
     try:
         heartbeat = Heartbeat(**(raw.get("heartbeat") or {}))
     except TypeError:
@@ -179,7 +196,7 @@ def load(name_or_path: str) -> StudySpec:
         path=path,
         storage=raw.get("storage"),
         base=base,
-        synth=data.get("synth"),
+        synth=_synth(data.get("synth"), f"{path}: data.synth"),
         n_trials=n_trials,
         sampler=sampler,
         pruner=pruner,
@@ -205,13 +222,27 @@ def _flatten(values: Any, where: str) -> dict[str, Any]:
     return flat
 
 
-def _choice(raw: Any, registry: dict, where: str) -> dict:
+def _strategy(raw: Any, registry: dict, where: str, seeded: bool) -> Strategy:
+    """`tpe` or `{name: tpe, seed: 0, n_startup_trials: 4}`; a sampler's seed is kept apart, because
+    every worker derives its own from it."""
     if isinstance(raw, str):
         raw = {"name": raw}
     if not isinstance(raw, Mapping) or raw.get("name") not in registry:
         name = raw.get("name") if isinstance(raw, Mapping) else raw
         raise UserError(f"{where}: unknown name {name!r}; valid: {', '.join(registry)}")
-    return dict(raw)
+    options = {k: v for k, v in raw.items() if k != "name" and not (seeded and k == "seed")}
+    return Strategy(raw["name"], options, raw.get("seed") if seeded else None)
+
+
+def _synth(raw: Any, where: str) -> SynthSpec | None:
+    if raw is None:
+        return None
+    try:
+        synth = SynthSpec(**raw)
+        return dataclasses.replace(synth, size=(int(synth.size[0]), int(synth.size[1])))
+    except (TypeError, ValueError, IndexError):
+        keys = ", ".join(f.name for f in dataclasses.fields(SynthSpec))
+        raise UserError(f"{where}: expected a mapping with keys {keys} (size as [width, height])") from None
 
 
 def _check_builds(spec: StudySpec, path: Path) -> None:

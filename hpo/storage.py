@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +23,7 @@ import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from hpo.protocol import quiet_experimental
 from hpo.spec import Heartbeat, StudySpec
 from maskcls.errors import UserError
 
@@ -71,8 +71,7 @@ def open_storage(
         if sqlite_file and tuned:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             _while_racing(lambda: _enable_wal(parsed.database))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_experimental():
             options = {}
             if heartbeat is not None:
                 options = {
@@ -111,8 +110,7 @@ def _while_racing(make: Callable[[], T]) -> T:
 
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int) -> None:
     """Re-queue a failed trial with the same parameters, the way the heartbeat does."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with quiet_experimental():
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
 
 

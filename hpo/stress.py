@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import optuna
 
+from hpo.protocol import Attr
 from hpo.storage import open_storage
 
 
@@ -30,7 +31,7 @@ def _fake_objective(reports: int):
         x = trial.suggest_float("x", -10, 10)
         for step in range(reports):
             trial.report(-abs(x) + step * 0.01, step)
-        trial.set_user_attr("device", "none")
+        trial.set_user_attr(Attr.DEVICE, "none")
         return -abs(x)
 
     return objective

@@ -8,19 +8,18 @@ Optuna's heartbeat thread, stale-trial recovery and FAIL-on-interrupt. The targe
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
 from hpo import spec as specs
-from hpo.objective import TrialFailed, make_objective, worker_id
+from hpo.objective import TrialFailed, make_objective
+from hpo.protocol import Attr, Exit, WorkerArgs, quiet_experimental, worker_id
 from hpo.storage import counts, open_storage
 from maskcls import memory
 from maskcls.cli import run_main
@@ -28,7 +27,6 @@ from maskcls.infer import pick_device
 from maskcls.runtime import configure_cpu
 
 MAX_CONSECUTIVE_FAILURES = 5
-EXIT_TOO_MANY_FAILURES = 3
 
 
 def _interrupt(signum, frame) -> None:
@@ -38,42 +36,32 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def work(
-    spec: specs.StudySpec,
-    storage_url: str,
-    target: int,
-    device_name: str,
-    artifacts: str | None,
-    deadline: float | None = None,
-    poll_s: float = 1.0,
-) -> int:
-    device = pick_device(device_name)
-    storage = open_storage(storage_url, spec.heartbeat)
+def work(spec: specs.StudySpec, args: WorkerArgs, poll_s: float = 1.0) -> int:
+    device = pick_device(args.device)
     study = optuna.load_study(
         study_name=spec.name,
-        storage=storage,
+        storage=open_storage(args.storage, spec.heartbeat),
         sampler=spec.make_sampler(worker_id()),
         pruner=spec.make_pruner(),
     )
-    store = FileSystemArtifactStore(artifacts) if artifacts else None
-    objective = make_objective(spec, device, target, store)
+    store = FileSystemArtifactStore(args.artifacts) if args.artifacts else None
+    objective = make_objective(spec, device, args.target, store)
     failures: list[str] = []
 
     def note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        reason = trial.user_attrs.get("fail_reason", "")
+        reason = trial.user_attrs.get(Attr.FAIL_REASON, "")
         if trial.state != optuna.trial.TrialState.FAIL:
             failures.clear()
         elif not reason.startswith("surplus"):
             failures.append(f"trial {trial.number}: {reason or 'see the log above'}")
 
     while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_experimental():
             optuna.storages.fail_stale_trials(study)
         now = counts(study)
-        if now["finished"] >= target or (deadline is not None and time.time() >= deadline):
-            return 0
-        if now["finished"] + now["running"] >= target:  # the last trials are running elsewhere
+        if now["finished"] >= args.target or (args.deadline is not None and time.time() >= args.deadline):
+            return Exit.OK
+        if now["finished"] + now["running"] >= args.target:  # the last trials are running elsewhere
             time.sleep(poll_s)
             continue
         study.optimize(objective, n_trials=1, catch=(TrialFailed, Exception), callbacks=[note])
@@ -84,20 +72,11 @@ def work(
                 f"Reasons:\n  " + "\n  ".join(failures),
                 file=sys.stderr,
             )
-            return EXIT_TOO_MANY_FAILURES
+            return Exit.TOO_MANY_FAILURES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpo.worker", description=__doc__.split("\n")[0])
-    parser.add_argument("--study", required=True, help="spec name or path")
-    parser.add_argument("--storage", required=True)
-    parser.add_argument("--target", type=int, required=True, help="finished trials the study should hold")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for this worker")
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--artifacts", default=None, help="artifact directory shared with the dashboard")
-    parser.add_argument("--deadline", type=float, default=None, help="start no trial after this UNIX time")
-    args = parser.parse_args(argv)
+    args = WorkerArgs.from_argv(argv)
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     configure_cpu(args.threads)
@@ -105,9 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     spec = specs.load(args.study).with_data(args.data)
     try:
-        return work(spec, args.storage, args.target, args.device, args.artifacts, args.deadline)
+        return work(spec, args)
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -197,10 +197,10 @@ def test_timeout_stops_starting_trials_and_leaves_none_running(small_root, tmp_p
 
 
 def test_gpu_slots_pin_one_device_each(monkeypatch):
-    """No GPU on this machine: the CUDA device count is faked to check how slots are laid out."""
+    """No GPU on this machine: the driver's GPU count is faked to check how slots are laid out."""
     from hpo.run import gpu_slots
 
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setattr("hpo.run.gpu_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     slots = gpu_slots(None, per_gpu=2, workers=None)
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "0", "1", "1"]
@@ -215,7 +215,7 @@ def test_gpu_slots_map_through_the_parents_cuda_visible_devices(monkeypatch):
     """Under CUDA_VISIBLE_DEVICES=2,3 the workers must land on physical GPUs 2 and 3, not 0 and 1."""
     from hpo.run import gpu_slots
 
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setattr("hpo.run.gpu_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots(None, 1, None)] == ["2", "3"]
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots("1", 2, None)] == [

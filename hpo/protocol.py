@@ -1,0 +1,125 @@
+"""What the processes of a search share, in one place: the names recorded on trials, who a worker
+is, which trials rank, where artifacts go, how processes end, which warnings are silenced, and the
+command line by which the dispatcher starts a worker.
+
+The dispatcher (hpo.run), its workers (hpo.worker, hpo.objective), hpo.export-best and the
+dashboard agree through these names only; none of them spells a key or an exit code itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import socket
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # optuna is imported where it is used: hpo.run --help stays light
+    import optuna
+
+
+class Attr:
+    """User-attribute keys: on every trial, and EXPORT on the study."""
+
+    WORKER = "worker"  # worker_id() of the process running the trial
+    HOST = "host"
+    DEVICE = "device"  # "cpu" or the GPU's name
+    THREADS = "threads"  # CPU threads; export --holdout reproduces a CPU trial with them
+    CONFIG = "config"  # the resolved TrainConfig as a dict: export rebuilds the recipe from it
+    FAIL_REASON = "fail_reason"
+    BEST_EPOCH = "best_epoch"
+    PER_CLASS_F1 = "per_class_f1"
+    VAL_ACCURACY = "val_accuracy"
+    IMAGES_PER_S = "images_per_s"
+    WALL_S = "wall_s"
+    PEAK_MEMORY_MB = "peak_memory_mb"
+    MEMORY_NEED_MB = "memory_need_mb"  # the estimate held on the GPU before the trial started
+    MEMORY_WAIT_S = "memory_wait_s"  # how long it waited for the trials beside it
+    STOP_REASON = "stop_reason"
+    EXPORT = "export"  # on the study: the last hpo.export-best
+
+
+class Exit:
+    """How our processes end."""
+
+    OK = 0
+    FAILED = 1  # the run stopped: a worker kept failing trials or kept dying
+    USAGE = 2  # bad input: one `error:` line says what to fix (maskcls.cli.run_main)
+    TOO_MANY_FAILURES = 3  # a worker saw five failed trials in a row
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM
+
+
+def worker_id(pid: int | None = None) -> str:
+    """host:pid of a worker process (this one by default): how a dead worker's trials are found."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The complete trials, best first (the study maximises validation macro-F1)."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: t.value, reverse=True)
+
+
+def artifacts_dir(given: str | None, runs_dir: Path) -> Path:
+    """--artifacts, else $HPO_ARTIFACTS, else runs/<study>/artifacts: shared by the workers, the
+    export and the dashboard."""
+    return Path(given or os.environ.get("HPO_ARTIFACTS") or runs_dir / "artifacts")
+
+
+def export_dir(given: str | None, runs_dir: Path) -> Path:
+    """--out, else runs/<study>/export."""
+    return Path(given) if given else runs_dir / "export"
+
+
+@contextlib.contextmanager
+def quiet_experimental() -> Iterator[None]:
+    """Optuna's ExperimentalWarning for the features we rely on on purpose (heartbeats, retry,
+    metric names, some samplers): said once in the docs instead of in every log."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """The command line of one `python -m hpo.worker`: written by the dispatcher, read by the worker."""
+
+    study: str  # spec name or path
+    storage: str
+    target: int  # finished trials the study should hold
+    device: str = "auto"
+    threads: int | None = None  # CPU threads for this worker
+    data: str | None = None
+    artifacts: str | None = None
+    deadline: float | None = None  # start no trial after this UNIX time
+
+    def to_argv(self) -> list[str]:
+        argv = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                argv += [f"--{f.name}", str(value)]
+        return argv
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str] | None = None) -> WorkerArgs:
+        parser = argparse.ArgumentParser(
+            prog="python -m hpo.worker", description="One worker of hpo.run; not meant to be run by hand."
+        )
+        kinds: dict[str, Any] = {"str": str, "int": int, "float": float}
+        for f in dataclasses.fields(cls):
+            kind = kinds[str(f.type).split(" |")[0]]
+            required = f.default is dataclasses.MISSING
+            parser.add_argument(
+                f"--{f.name}", type=kind, required=required, default=None if required else f.default
+            )
+        return cls(**vars(parser.parse_args(argv)))

@@ -1,0 +1,51 @@
+"""The processes of a search agree through hpo.protocol alone, and the dispatcher stays light."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpo.protocol import Attr, WorkerArgs
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = [v for k, v in vars(Attr).items() if k.isupper()]
+
+
+def test_every_user_attribute_key_is_spelled_only_in_the_protocol():
+    for path in (ROOT / "hpo").glob("*.py"):
+        if path.name == "protocol.py":
+            continue
+        text = path.read_text()
+        spelled = [key for key in KEYS if re.search(rf"[\"']{key}[\"']", text)]
+        assert spelled == [], f"{path.name} spells {spelled}; use hpo.protocol.Attr"
+    for path in (ROOT / "maskcls").rglob("*.py"):  # maskcls knows nothing of trials
+        assert "user_attr" not in path.read_text(), path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        WorkerArgs("demo", "sqlite:///x.db", 12),
+        WorkerArgs("studies/m.yaml", "postgresql+psycopg://u@h/db", 5, "cuda", 4, "/data", "/a", 1.7e9),
+    ],
+)
+def test_worker_arguments_survive_the_command_line(args):
+    assert WorkerArgs.from_argv(args.to_argv()) == args
+
+
+def test_the_dispatchers_help_imports_neither_torch_nor_timm():
+    probe = """
+import contextlib, io, resource, runpy, sys
+sys.argv = ["hpo.run", "--help"]
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    runpy.run_module("hpo.run", run_name="__main__")
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(sorted(m for m in ("torch", "timm", "pandas", "albumentations") if m in sys.modules))
+print(usage.ru_utime + usage.ru_stime)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    heavy, seconds = done.stdout.splitlines()
+    assert heavy == "[]", heavy
+    assert float(seconds) < 1.5  # CPU seconds; about 0.5 on the 2-core CI machine
