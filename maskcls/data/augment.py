@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import numpy as np
 import torch
 
 from maskcls.config import MEAN, STD, AugmentConfig
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ def device_augment(
 
 def albumentations_transform(policy: Policy) -> A.Compose:
     """The same policy, per image, on uint8 HWC arrays."""
+    import albumentations as A  # half a second of start-up, for the backend that uses it only
+
     steps = []
     if policy.flip:
         steps.append(A.HorizontalFlip(p=0.5))
