@@ -16,12 +16,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup  ## the demo study end to end: stand-in data, 2 CPU workers, summary and dashboard command
 	$(BIN)/python -m hpo.run --study demo --workers 2
 
-test: setup  ## the whole suite, as CI runs it
-	$(BIN)/ruff check maskcls hpo tests bench
+test: lint  ## lint, type check and the whole suite, as CI runs it
 	$(BIN)/python -m pytest
 
-lint: setup
+lint: setup  ## ruff (lint and format) and mypy on maskcls and hpo
 	$(BIN)/ruff check maskcls hpo tests bench
+	$(BIN)/ruff format --check maskcls hpo tests bench
+	$(BIN)/mypy
 
 clean:
 	rm -rf runs .pytest_cache

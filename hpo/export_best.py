@@ -91,16 +91,16 @@ def retrain(
             val_probs=result.val_probs,
         )
     if folds:
-        members, scores, labels, probs = [], [], [], []
+        members, scores, fold_labels, fold_probs = [], [], [], []
         for k in range(folds):
             fold_cfg = cfg.override({"data.folds": folds, "data.fold": k})
             print(f"fold {k + 1}/{folds}", file=sys.stderr)
             result = fit(fold_cfg, load_data(fold_cfg), device, progress=True)
             members.append(result.model)
-            scores.append(result.best_val_macro_f1)
-            labels.append(result.val_labels)
-            probs.append(result.val_probs)
-        labels, probs = np.concatenate(labels), np.concatenate(probs)
+            scores.append(float(result.best_val_macro_f1 or 0.0))
+            fold_labels.append(result.val_labels)
+            fold_probs.append(np.asarray(result.val_probs))
+        labels, probs = np.concatenate(fold_labels), np.concatenate(fold_probs)
         return Retrain(
             f"{folds}-fold ensemble",
             members,
@@ -134,7 +134,9 @@ def export_info(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: Retr
             "fold_macro_f1": done.fold_f1,
         },
         params=trial.params,
-        validation=(done.val_labels, done.val_probs) if done.val_labels is not None else None,
+        validation=None
+        if done.val_labels is None or done.val_probs is None
+        else (done.val_labels, done.val_probs),
     )
 
 

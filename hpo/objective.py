@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
@@ -63,6 +64,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def validated(value: float | None) -> float:
+    """A validation figure; trials always have validation people (data.val_ratio > 0)."""
+    if value is None:
+        raise RuntimeError("the trial ran without validation people")
+    return value
+
+
 def hold_gpu_memory(trial: optuna.Trial, cfg: TrainConfig, n_images: int, device: torch.device) -> None:
     """Estimate what the trial needs and hold it on the GPU before anything is allocated, waiting for
     the trials it shares the GPU with; a trial that cannot fit fails now, not halfway."""
@@ -108,11 +116,10 @@ def make_objective(
             hold_gpu_memory(trial, cfg, len(data.table), device)
 
         def on_epoch(epoch: int, metrics: EpochMetrics) -> None:
-            trial.report(metrics.val_macro_f1, epoch)
+            score = validated(metrics.val_macro_f1)
+            trial.report(score, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(
-                    f"pruned after epoch {epoch}: val macro-F1 {metrics.val_macro_f1:.4f}"
-                )
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}: val macro-F1 {score:.4f}")
 
         out_of_memory = None
         try:
@@ -131,7 +138,7 @@ def make_objective(
             memory.release(device)
             raise fail(trial, out_of_memory)
         _record(trial, cfg, result, device, artifacts)
-        return result.best_val_macro_f1
+        return validated(result.best_val_macro_f1)
 
     return objective
 
@@ -147,7 +154,7 @@ def _record(
     for key, value in {
         Attr.BEST_EPOCH: result.best_epoch,
         Attr.PER_CLASS_F1: best.val_per_class_f1,
-        Attr.VAL_ACCURACY: round(best.val_accuracy, 4),
+        Attr.VAL_ACCURACY: round(validated(best.val_accuracy), 4),
         Attr.IMAGES_PER_S: round(result.images_per_s, 1),
         Attr.WALL_S: round(result.wall_s, 1),
         Attr.PEAK_MEMORY_MB: round(peak_memory_mb(device), 1),
@@ -156,15 +163,14 @@ def _record(
         trial.set_user_attr(key, value)
     if artifacts is None:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    predicted = np.asarray(result.val_probs).argmax(1)
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
         cutoffs = AgeCutoffs(cfg.data.young_age, cfg.data.old_age)
         files = [
             plots.learning_curves([m.to_dict() for m in result.history], tmp / "learning_curves.png"),
             plots.confusion_matrix(
-                confusion(result.val_labels, result.val_probs.argmax(1)),
-                tmp / "confusion_matrix.png",
-                cutoffs,
+                confusion(result.val_labels, predicted), tmp / "confusion_matrix.png", cutoffs
             ),
         ]
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:  # optuna is imported where it is used: hpo.run --help stays light
     import optuna
@@ -64,7 +64,7 @@ def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return sorted(complete, key=lambda t: t.value, reverse=True)
+    return sorted(complete, key=lambda t: cast(float, t.value), reverse=True)
 
 
 def artifacts_dir(given: str | None, runs_dir: Path) -> Path:

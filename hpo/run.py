@@ -225,16 +225,16 @@ class Dispatcher:
     def stop(self, message: str) -> None:
         """Interrupt every worker, let each mark its trial failed, and make sure none stays RUNNING."""
         self.progress.note(message)
-        live = [s for s in self.slots if s.proc and s.proc.poll() is None]
-        for slot in live:
-            slot.proc.send_signal(signal.SIGINT)
+        live = [s.proc for s in self.slots if s.proc and s.proc.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGINT)
         end = time.time() + STOP_GRACE_S
-        for slot in live:
+        for proc in live:
             try:
-                slot.proc.wait(timeout=max(0.1, end - time.time()))
+                proc.wait(timeout=max(0.1, end - time.time()))
             except subprocess.TimeoutExpired:
-                slot.proc.kill()
-                slot.proc.wait()
+                proc.kill()
+                proc.wait()
         for slot in self.slots:
             self.fail_trials_of(slot, "interrupted (Ctrl-C or SIGTERM)", requeue=False)
 

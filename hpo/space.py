@@ -41,6 +41,8 @@ class Param:
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.type == "categorical":
             return trial.suggest_categorical(self.path, list(self.choices))
+        if self.low is None or self.high is None:  # parse() refuses such an entry
+            raise ConfigError(f"{self.path}: a {self.type} parameter needs low and high")
         if self.type == "int":
             return trial.suggest_int(
                 self.path, int(self.low), int(self.high), step=int(self.step or 1), log=self.log

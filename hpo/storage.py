@@ -17,7 +17,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import optuna
 from sqlalchemy.engine import make_url
@@ -66,13 +66,13 @@ def open_storage(
             f"storage URL {url!r} does not parse (e.g. sqlite:///runs/demo/study.db or "
             "postgresql+psycopg://user:password@host/db)"
         ) from None
-    sqlite_file = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+    database = parsed.database if parsed.get_backend_name() == "sqlite" else None
     try:
-        if sqlite_file and tuned:
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            _while_racing(lambda: _enable_wal(parsed.database))
+        if database and database != ":memory:" and tuned:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            _while_racing(lambda: _enable_wal(database))
         with quiet_experimental():
-            options = {}
+            options: dict[str, Any] = {}
             if heartbeat is not None:
                 options = {
                     "heartbeat_interval": heartbeat.interval,

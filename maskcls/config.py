@@ -177,11 +177,8 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
 
 def field_paths() -> list[str]:
     """Every dotted config path, e.g. `loss.gamma`."""
-    return [
-        f"{group.name}.{f.name}"
-        for group in dataclasses.fields(TrainConfig)
-        for f in dataclasses.fields(group.default_factory())
-    ]
+    groups = get_type_hints(TrainConfig)
+    return [f"{group}.{f.name}" for group, cls in groups.items() for f in dataclasses.fields(cls)]
 
 
 def field_type(path: str) -> Any:
@@ -212,7 +209,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, prefix + name)

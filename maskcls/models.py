@@ -10,6 +10,8 @@ multi head's already-normalised output unchanged.
 
 from __future__ import annotations
 
+from typing import cast
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ class Classifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dropout_samples = dropout_samples
         # Models with a pre-logits layer (MobileNetV3, EfficientNet-V2...) pool to head_hidden_size.
-        width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        width = cast(int, getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         self.heads = nn.ModuleList(nn.Linear(width, k) for k in HEAD_SIZES[head])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

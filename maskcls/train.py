@@ -211,7 +211,7 @@ def setup(cfg: TrainConfig, data: TrainData, device: torch.device) -> Parts:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = models.build(cfg.model).to(device, memory_format=memory_format)
+    model = models.build(cfg.model).to(device).to(memory_format=memory_format)
     train_labels = data.table["train_label"].to_numpy()[data.train_rows]
     epoch_size = len(epoch_indices(train_labels, cfg.sampler, torch.Generator().manual_seed(0)))
     n_batches = math.ceil(epoch_size / cfg.train.batch_size)
@@ -330,7 +330,8 @@ def fit(
         if metrics.val_macro_f1 is not None:
             p.schedule.epoch_end(metrics.val_macro_f1)
         # Keep the best epoch's weights; without validation people the last epoch is the best.
-        best.offer(epoch, metrics.val_macro_f1 if probs is not None else float(epoch), p.model, probs)
+        score = metrics.val_macro_f1 if metrics.val_macro_f1 is not None else float(epoch)
+        best.offer(epoch, score, p.model, probs)
         if progress:
             tqdm.write(str(metrics))
         # Report the epoch: the search stops a hopeless run by raising here.
@@ -342,6 +343,7 @@ def fit(
             stop_reason = f"early stop: no better val macro-F1 for {patience} epochs"
             break
 
+    assert best.state is not None  # every run trains at least one epoch
     p.model.load_state_dict(best.state)
     p.model.eval()
     return FitResult(

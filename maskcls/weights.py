@@ -57,7 +57,7 @@ def hub_location(name: str) -> tuple[str | None, list[str], str | None]:
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise ConfigError(f"model.pretrained=imagenet: timm has no pretrained weights for {name!r}")
     files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-    return cfg.hf_hub_id, files, cfg.url
+    return cfg.hf_hub_id, files, cfg.url if isinstance(cfg.url, str) else None
 
 
 def cached(name: str) -> Path | None:

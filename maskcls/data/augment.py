@@ -168,7 +168,7 @@ def mix(
         lam = rng.beta(cfg.cutmix_alpha, cfg.cutmix_alpha)
         h, w = x.shape[2:]
         ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-        cy, cx = rng.integers(h), rng.integers(w)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
         y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
         x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
         x = x.clone()

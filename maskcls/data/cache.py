@@ -42,15 +42,15 @@ def load_image(path: str, size: tuple[int, int], center_crop: float = 1.0) -> np
     bilinear resize. (JPEG draft decoding would be faster but cannot be reproduced outside PIL.)
     """
     height, width = size
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    with Image.open(path) as file:
+        img = file.convert("RGB")
         if center_crop < 1:
             w, h = img.size
             cw, ch = w * center_crop, h * center_crop
             img = img.crop(
                 (round((w - cw) / 2), round((h - ch) / 2), round((w + cw) / 2), round((h + ch) / 2))
             )
-        return np.asarray(img.resize((width, height), Image.BILINEAR))
+        return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
 
 
 def build(

@@ -172,17 +172,19 @@ def _render(traits: dict, mask: Mask, style: int, opts: Options, rng: np.random.
                 width=2,
             )
 
-    img = img.rotate(float(rng.normal(0, 6)), resample=Image.BILINEAR, fillcolor=tuple(int(c) for c in top))
+    img = img.rotate(
+        float(rng.normal(0, 6)), resample=Image.Resampling.BILINEAR, fillcolor=tuple(int(c) for c in top)
+    )
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.BoxBlur(1))
 
     # Lighting: brightness, contrast and a side light; then sensor noise at low resolution.
     pixels = np.asarray(img, dtype=np.float32)
-    side = np.linspace(-1, 1, w, dtype=np.float32)[None, :, None] * rng.normal(0, 18)
-    pixels = (pixels - 128) * rng.uniform(0.75, 1.2) + 128 + rng.normal(0, 18) + side
+    side_light = np.linspace(-1, 1, w, dtype=np.float32)[None, :, None] * rng.normal(0, 18)
+    pixels = (pixels - 128) * rng.uniform(0.75, 1.2) + 128 + rng.normal(0, 18) + side_light
     pixels += rng.normal(0, rng.uniform(2, 8), size=(h, w, 3)).astype(np.float32)
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    return img.resize((opts.width, opts.height), Image.BILINEAR)
+    return img.resize((opts.width, opts.height), Image.Resampling.BILINEAR)
 
 
 def _encode(img: Image.Image, suffix: str, rng: np.random.Generator) -> bytes:
