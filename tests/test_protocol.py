@@ -49,3 +49,22 @@ print(usage.ru_utime + usage.ru_stime)
     heavy, seconds = done.stdout.splitlines()
     assert heavy == "[]", heavy
     assert float(seconds) < 1.5  # CPU seconds; about 0.5 on the 2-core CI machine
+
+
+def test_maskcls_never_imports_the_search_service():
+    import ast
+
+    for path in (ROOT / "maskcls").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not [n for n in names if n.split(".")[0] in ("optuna", "hpo")], (path, names)
+
+
+def test_prediction_and_export_do_not_load_the_training_loop():
+    probe = "import sys, maskcls.predict, maskcls.export; print('maskcls.train' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.stdout.strip() == "False", done.stderr
