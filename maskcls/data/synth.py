@@ -19,7 +19,7 @@ import argparse
 import hashlib
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,41 +136,7 @@ def _render(traits: dict, mask: Mask, style: int, opts: Options, rng: np.random.
     draw.ellipse(box(-0.3, 0.33, 0.3, 0.48), fill=traits["lips"])
 
     if mask != Mask.NOT_WEAR:
-        colour, pattern = MASK_STYLES[style]
-        if mask == Mask.WEAR:
-            y0, y1 = -0.12, 0.85
-        elif rng.random() < 0.5:  # under the nose: mouth covered, nose out
-            y0, y1 = 0.2, 0.95
-        else:  # on the chin
-            y0, y1 = 0.55, 1.05
-        outline = box(-0.95, y0, 0.95, y1)
-        if pattern == "beak":
-            draw.polygon(
-                [
-                    (outline[0], outline[1] + 10),
-                    ((outline[0] + outline[2]) / 2, outline[1]),
-                    (outline[2], outline[1] + 10),
-                    (outline[2], outline[3] - 15),
-                    ((outline[0] + outline[2]) / 2, outline[3]),
-                    (outline[0], outline[3] - 15),
-                ],
-                fill=colour,
-            )
-        else:
-            draw.rounded_rectangle(outline, radius=int(fw * 0.15), fill=colour)
-        shade = tuple(int(c * 0.75) for c in colour)
-        if pattern in ("pleats", "stripes"):
-            for k in range(1, 4):
-                y = outline[1] + k * (outline[3] - outline[1]) / 4
-                draw.line(
-                    [outline[0] + 4, y, outline[2] - 4, y], fill=shade, width=1 if pattern == "pleats" else 4
-                )
-        for side in (0, 2):  # ear loops
-            draw.line(
-                [outline[side], outline[1] + 6, cx + (side - 1) * fw * 1.1, cy - 0.2 * fh],
-                fill=shade,
-                width=2,
-            )
+        _draw_mask(draw, box, mask, style, fw, ears=(cx - fw * 1.1, cx + fw * 1.1, cy - 0.2 * fh), rng=rng)
 
     img = img.rotate(
         float(rng.normal(0, 6)), resample=Image.Resampling.BILINEAR, fillcolor=tuple(int(c) for c in top)
@@ -185,6 +151,54 @@ def _render(traits: dict, mask: Mask, style: int, opts: Options, rng: np.random.
     pixels += rng.normal(0, rng.uniform(2, 8), size=(h, w, 3)).astype(np.float32)
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     return img.resize((opts.width, opts.height), Image.Resampling.BILINEAR)
+
+
+def _draw_mask(
+    draw: ImageDraw.ImageDraw,
+    box: Callable[[float, float, float, float], list[float]],
+    mask: Mask,
+    style: int,
+    face_width: float,
+    ears: tuple[float, float, float],
+    rng: np.random.Generator,
+) -> None:
+    """A mask worn, or worn incorrectly (under the nose or on the chin), with its ear loops to
+    `ears` (left x, right x, y)."""
+    colour, pattern = MASK_STYLES[style]
+    if mask == Mask.WEAR:
+        y0, y1 = -0.12, 0.85
+    elif rng.random() < 0.5:  # under the nose: mouth covered, nose out
+        y0, y1 = 0.2, 0.95
+    else:  # on the chin
+        y0, y1 = 0.55, 1.05
+    outline = box(-0.95, y0, 0.95, y1)
+    if pattern == "beak":
+        draw.polygon(
+            [
+                (outline[0], outline[1] + 10),
+                ((outline[0] + outline[2]) / 2, outline[1]),
+                (outline[2], outline[1] + 10),
+                (outline[2], outline[3] - 15),
+                ((outline[0] + outline[2]) / 2, outline[3]),
+                (outline[0], outline[3] - 15),
+            ],
+            fill=colour,
+        )
+    else:
+        draw.rounded_rectangle(outline, radius=int(face_width * 0.15), fill=colour)
+    shade = tuple(int(c * 0.75) for c in colour)
+    if pattern in ("pleats", "stripes"):
+        for k in range(1, 4):
+            y = outline[1] + k * (outline[3] - outline[1]) / 4
+            draw.line(
+                [outline[0] + 4, y, outline[2] - 4, y], fill=shade, width=1 if pattern == "pleats" else 4
+            )
+    for side in (0, 2):  # ear loops
+        draw.line(
+            [outline[side], outline[1] + 6, ears[side // 2], ears[2]],
+            fill=shade,
+            width=2,
+        )
 
 
 def _encode(img: Image.Image, suffix: str, rng: np.random.Generator) -> bytes:
