@@ -31,7 +31,7 @@ from hpo.storage import FINISHED, masked, open_storage, resolve_url
 from maskcls.cli import run_main
 from maskcls.config import TrainConfig
 from maskcls.errors import UserError
-from maskcls.export import ExportInfo, check_out, complete
+from maskcls.export import ExportFigures, ExportInfo, check_out, complete
 from maskcls.infer import pick_device
 from maskcls.metrics import macro_f1
 from maskcls.rundir import building, write_model_dir
@@ -145,7 +145,7 @@ def record(
     trial: optuna.trial.FrozenTrial,
     done: Retrain,
     out: Path,
-    figures: dict,
+    figures: ExportFigures,
     artifacts: Path,
 ) -> None:
     """Attach the export to the study as a zip artifact and note it in the study's `export` attr."""
@@ -162,8 +162,8 @@ def record(
             "trial": trial.number,
             "mode": done.mode,
             "artifact_id": artifact_id,
-            "val_macro_f1": figures["val_macro_f1"],
-            "eval_macro_f1": figures.get("eval_macro_f1"),
+            "val_macro_f1": done.val_macro_f1,
+            "eval_macro_f1": figures.eval_macro_f1,
         },
     )
 

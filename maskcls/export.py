@@ -15,6 +15,7 @@ exports it through the same code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import warnings
@@ -73,6 +74,24 @@ class ExportInfo:
     validation: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probabilities) to score
 
 
+@dataclass
+class ExportFigures:
+    """What an export measured; metrics.json holds these and the ExportInfo's facts."""
+
+    mode: str
+    onnx: OnnxCheck
+    eval_macro_f1: float | None = None  # the submission against eval/gt.csv, where it exists
+    scored_on: str | None = None  # what per_class_f1 was measured on
+    per_class_f1: list[float] | None = None
+
+    def to_dict(self, facts: dict[str, Any]) -> dict[str, Any]:
+        values = {"mode": self.mode, "onnx": dataclasses.asdict(self.onnx)}
+        values.update(
+            {k: v for k, v in dataclasses.asdict(self).items() if k not in values and v is not None}
+        )
+        return {**facts, **values}
+
+
 def export_onnx(model: nn.Module, image_size: tuple[int, int], path: str | Path) -> Path:
     model = _Probabilities(model.cpu().eval())
     example = torch.zeros(2, 3, *image_size)
@@ -109,7 +128,7 @@ def check_onnx(path: str | Path, model: nn.Module, images: np.ndarray, batch_siz
     return OnnxCheck(images=len(images), max_abs_diff=worst, argmax_agree=agree)
 
 
-def complete(model_dir: Path, data_root: str, device: torch.device, info: ExportInfo) -> dict[str, Any]:
+def complete(model_dir: Path, data_root: str, device: torch.device, info: ExportInfo) -> ExportFigures:
     """Turn a model directory into an export (the files in the module docstring); returns the
     figures written to metrics.json. Raises when ONNX and PyTorch disagree."""
     cfg, model = load_run(model_dir)
@@ -123,7 +142,7 @@ def complete(model_dir: Path, data_root: str, device: torch.device, info: Export
             f"ONNX and PyTorch disagree: max |diff| {check.max_abs_diff:.2e}, "
             f"{check.images - check.argmax_agree} different classes"
         )
-    figures: dict[str, Any] = {**info.facts, "mode": info.trained_on, "onnx": check.__dict__}
+    figures = ExportFigures(mode=info.trained_on, onnx=check)
     scored = None
     if info.validation is not None:
         labels, probs = info.validation
@@ -138,38 +157,38 @@ def complete(model_dir: Path, data_root: str, device: torch.device, info: Export
                 table["ans"].to_numpy(),
                 "eval set (eval/gt.csv)",
             )
-            figures["eval_macro_f1"] = macro_f1(scored[0], scored[1])
+            figures.eval_macro_f1 = macro_f1(scored[0], scored[1])
     if scored is not None:
-        labels, predicted, figures["scored_on"] = scored
-        figures["per_class_f1"] = per_class_f1(labels, predicted).round(4).tolist()
+        labels, predicted, figures.scored_on = scored
+        figures.per_class_f1 = per_class_f1(labels, predicted).round(4).tolist()
         plots.confusion_matrix(confusion(labels, predicted), model_dir / "confusion_matrix.png")
-    write_json(model_dir / "metrics.json", figures)
+    write_json(model_dir / "metrics.json", figures.to_dict(info.facts))
     (model_dir / "report.md").write_text(report(info, figures))
     return figures
 
 
-def report(info: ExportInfo, f: dict[str, Any]) -> str:
+def report(info: ExportInfo, f: ExportFigures) -> str:
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) else "-"
 
-    scores = {**info.scores, "submission vs eval/gt.csv": f.get("eval_macro_f1")}
+    scores = {**info.scores, "submission vs eval/gt.csv": f.eval_macro_f1}
     lines = [f"# {info.title}", "", "| | val macro-F1 |", "|---|---|"]
     lines += [f"| {label} | {fmt(value)} |" for label, value in scores.items() if value is not None]
-    onnx = f["onnx"]
+    onnx = f.onnx
     lines += [
         "",
         f"Trained on: {info.trained_on}.",
-        f"ONNX check: {onnx['images']} images, max |p_onnx - p_torch| = {onnx['max_abs_diff']:.2e}, "
-        f"argmax agrees on {onnx['argmax_agree']}/{onnx['images']}.",
+        f"ONNX check: {onnx.images} images, max |p_onnx - p_torch| = {onnx.max_abs_diff:.2e}, "
+        f"argmax agrees on {onnx.argmax_agree}/{onnx.images}.",
         "",
     ]
-    if f.get("fold_macro_f1"):
-        lines += ["Per fold: " + ", ".join(fmt(v) for v in f["fold_macro_f1"]), ""]
-    if f.get("per_class_f1"):
-        lines += [f"## Per-class F1 ({f['scored_on']})", "", "| class | name | F1 |", "|---|---|---|"]
+    if info.facts.get("fold_macro_f1"):
+        lines += ["Per fold: " + ", ".join(fmt(v) for v in info.facts["fold_macro_f1"]), ""]
+    if f.per_class_f1:
+        lines += [f"## Per-class F1 ({f.scored_on})", "", "| class | name | F1 |", "|---|---|---|"]
         lines += [
             f"| {c} | {class_name(c)} | {v:.4f} |"
-            for c, v in zip(range(NUM_CLASSES), f["per_class_f1"], strict=True)
+            for c, v in zip(range(NUM_CLASSES), f.per_class_f1, strict=True)
         ]
         lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
     if info.params:
@@ -221,10 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.copy2(run_dir / name, tmp / name)
         figures = complete(tmp, data_root, pick_device(args.device), run_info(run_dir))
     print((out / "report.md").read_text())
-    print(
-        f"wrote {out}"
-        + (f" (eval macro-F1 {figures['eval_macro_f1']:.4f})" if "eval_macro_f1" in figures else "")
-    )
+    scored = f" (eval macro-F1 {figures.eval_macro_f1:.4f})" if figures.eval_macro_f1 is not None else ""
+    print(f"wrote {out}{scored}")
     return 0
 
 

@@ -68,3 +68,13 @@ def test_prediction_and_export_do_not_load_the_training_loop():
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_no_function_is_longer_than_eighty_lines():
+    import ast
+
+    for path in [*(ROOT / "maskcls").rglob("*.py"), *(ROOT / "hpo").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 80, f"{path.name}: {node.name} has {length} lines"
