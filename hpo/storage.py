@@ -4,8 +4,10 @@ URL: `--storage`, else $HPO_STORAGE, else the spec's `storage`, else sqlite:///r
 
 SQLite is configured so that all the workers of one machine share it: WAL journal (readers never
 block the writer), a 60 s busy timeout (a writer waits instead of failing with "database is
-locked"), and write transactions that begin IMMEDIATE (they take the write lock before their first
-write, so two transactions never deadlock upgrading read locks). PostgreSQL and MySQL get
+locked"), and transactions that begin IMMEDIATE at their first statement, reads included. pysqlite
+on its own begins a transaction only at the first write, so Optuna's claim of a waiting trial (read
+that it is WAITING, then write RUNNING) interleaved between two workers and both ran the trial;
+PostgreSQL locks the row (SELECT ... FOR UPDATE) and needs none of this. PostgreSQL and MySQL get
 pool_pre_ping (survive server restarts) and a small pool per process, which is what many workers
 on many machines need. Heartbeats let a RUNNING trial of a dead machine be failed and re-queued.
 """
@@ -20,7 +22,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
-from sqlalchemy.engine import make_url
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from hpo.protocol import quiet_experimental
@@ -50,7 +53,8 @@ def masked(url: str) -> str:
 def engine_kwargs(url: str, tuned: bool = True) -> dict:
     backend = make_url(url).get_backend_name()
     if backend == "sqlite":
-        return {"connect_args": {"timeout": BUSY_TIMEOUT_S, "isolation_level": "IMMEDIATE"}} if tuned else {}
+        # isolation_level None: pysqlite emits no BEGIN of its own; _begin_immediate emits ours.
+        return {"connect_args": {"timeout": BUSY_TIMEOUT_S, "isolation_level": None}} if tuned else {}
     # Optuna uses one connection per process plus the heartbeat thread's.
     return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4, "pool_recycle": 1800}
 
@@ -82,10 +86,19 @@ def open_storage(
                     ),
                 }
             kwargs = engine_kwargs(url, tuned)
-            return _while_racing(lambda: optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **options))
+            storage = _while_racing(lambda: optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **options))
+            if database and tuned:
+                event.listen(storage.engine, "begin", _begin_immediate)
+            return storage
     except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot use storage {masked(url)}: {reason}") from None
+
+
+def _begin_immediate(connection: Connection) -> None:
+    """Every transaction takes SQLite's write lock at its start, so a read-check-write (claiming a
+    waiting trial, finishing a running one) is atomic across processes."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _enable_wal(path: str) -> None:

@@ -38,11 +38,19 @@ def test_eight_processes_on_one_postgresql_study():
 
 
 def test_sqlite_is_configured_for_many_writers(tmp_path):
+    import sqlite3
+
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     conn = storage.engine.raw_connection().driver_connection
-    assert conn.isolation_level == "IMMEDIATE"
     assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
     assert conn.execute("pragma busy_timeout").fetchone()[0] == 60000
+    # A transaction holds the write lock from its first statement, a read: another writer must wait.
+    with storage.engine.connect() as reader, reader.begin():
+        reader.exec_driver_sql("select count(*) from trials")
+        other = sqlite3.connect(tmp_path / "s.db", timeout=0, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("begin immediate")
+        other.close()
 
 
 def test_unreachable_storage_is_one_clear_error_with_the_password_masked():
@@ -95,3 +103,37 @@ def test_eight_processes_create_a_new_postgresql_storage_together():
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE {database} WITH (FORCE)"))
         admin.dispose()
+
+
+def _ask_together(url, name, barrier, results):
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    barrier.wait()
+    try:
+        results.put(study.ask().number)
+    except Exception as err:  # reported to the test, which shows it
+        results.put(f"{type(err).__name__}: {err}")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_waiting_trial_is_claimed_by_one_worker_only(backend, tmp_path):
+    """Enqueued trials wait in the storage; workers that ask at the same moment must each get a
+    different one (a trial claimed twice runs twice and the second result is refused)."""
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path / 'claim.db'}" if backend == "sqlite" else POSTGRES
+    name = f"claim-{uuid.uuid4().hex[:8]}"
+    study = optuna.create_study(study_name=name, storage=open_storage(url))
+    for i in range(4):
+        study.enqueue_trial({"x": float(i)})
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_ask_together, args=(url, name, barrier, results)) for _ in range(8)]
+    try:
+        for p in procs:
+            p.start()
+        numbers = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        assert sorted(numbers) == list(range(8)), numbers  # 4 claimed once each, 4 new
+    finally:
+        optuna.delete_study(study_name=name, storage=open_storage(url))
