@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from hpo.protocol import Attr
 from maskcls.data.layout import scan, scan_eval
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,15 +151,14 @@ def study(work: Path, device: str, spec: Path, storage: str) -> Row:
     trials = optuna.load_study(study_name="gpu-check", storage=storage).trials
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-    workers = {t.user_attrs.get("worker") for t in complete}
-    peaks = [t.user_attrs.get("peak_memory_mb", 0) for t in complete]
-    figure = (
-        f"{len(complete)} complete, {len(failed)} failed, {len(workers)} workers; peak {max(peaks):.0f} MiB"
-    )
+    workers = {t.user_attrs.get(Attr.WORKER) for t in complete}
+    peaks = [t.user_attrs.get(Attr.PEAK_MEMORY_MB, 0) for t in complete]
+    peak = max(peaks, default=0)
+    figure = f"{len(complete)} complete, {len(failed)} failed, {len(workers)} workers; peak {peak:.0f} MiB"
     if device == "cuda":
-        needs = [t.user_attrs["memory_need_mb"] for t in complete]
+        needs = [t.user_attrs.get(Attr.MEMORY_NEED_MB, 0) for t in complete]
         over = sum(p > n for p, n in zip(peaks, needs, strict=True))
-        figure += f", estimate {min(needs):.0f}-{max(needs):.0f} MiB, {over} over it"
+        figure += f", estimate {min(needs, default=0):.0f}-{max(needs, default=0):.0f} MiB, {over} over it"
         ok = len(complete) == 6 and not failed and len(workers) == 2 and over == 0
         return Row("study, 6 trials, 2 per GPU", ok, figure, "0 failed, both slots, peak <= estimate", s)
     return Row("study, 6 trials, 2 CPU workers", len(complete) == 6 and not failed, figure, "0 failed", s)

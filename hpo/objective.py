@@ -29,9 +29,11 @@ from maskcls.config import TrainConfig
 from maskcls.infer import autocast
 from maskcls.labels import AgeCutoffs
 from maskcls.metrics import confusion
-from maskcls.train import Diverged, EpochMetrics, FitResult, fit, load_data
+from maskcls.train import Diverged, EpochMetrics, FitResult, device_image_count, fit, load_data
 
 MEMORY_WAIT_S = 3600  # how long a trial waits for GPU memory held by the trials beside it
+# Failures that say nothing about the recipe: they do not count towards a worker's failure streak.
+SURPLUS, WAITED = "surplus", "waited for GPU memory"
 ACTIVE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
 
 
@@ -49,7 +51,7 @@ def refuse_surplus(trial: optuna.Trial, target: int) -> None:
     with the lowest numbers keep their slots, a later one fails at once without training."""
     ahead = [t for t in trial.study.get_trials(deepcopy=False, states=ACTIVE) if t.number < trial.number]
     if len(ahead) >= target:
-        raise fail(trial, f"surplus: {target} trials were already finished or running")
+        raise fail(trial, f"{SURPLUS}: {target} trials were already finished or running")
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -79,6 +81,9 @@ def hold_gpu_memory(trial: optuna.Trial, cfg: TrainConfig, n_images: int, device
     try:
         waited = memory.reserve(need.total, device, MEMORY_WAIT_S)
     except memory.NoRoom as err:
+        if err.waited:  # the trials beside it kept the memory; the recipe may well fit later
+            trial.study.enqueue_trial(trial.params)
+            raise fail(trial, f"{WAITED}: {err}; its parameters are queued again") from None
         raise fail(
             trial, f"does not fit on {torch.cuda.get_device_name(device)}: {err}; need {need}"
         ) from None
@@ -113,7 +118,7 @@ def make_objective(
         trial.set_user_attr(Attr.THREADS, torch.get_num_threads())  # export --holdout reproduces with it
         data = load_data(cfg, progress=False)
         if device.type == "cuda":
-            hold_gpu_memory(trial, cfg, len(data.table), device)
+            hold_gpu_memory(trial, cfg, device_image_count(cfg, data), device)
 
         def on_epoch(epoch: int, metrics: EpochMetrics) -> None:
             score = validated(metrics.val_macro_f1)

@@ -75,12 +75,18 @@ def gpu_count() -> int:
 
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, each named as CUDA_VISIBLE_DEVICES names it: under
-    CUDA_VISIBLE_DEVICES=2,3 they are "2" and "3" (or UUIDs, MIG ids), else "0".."N-1"."""
+    CUDA_VISIBLE_DEVICES=2,3 they are "2" and "3" (UUIDs and MIG ids stay as given), else
+    "0".."N-1". Like CUDA, the list ends at its first invalid entry (`-1` hides every GPU)."""
     available = gpu_count()
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is None:
+    if listed is None or not available:
         return [str(i) for i in range(available)]
-    return [name.strip() for name in listed.split(",") if name.strip()][:available]
+    names = []
+    for name in (entry.strip() for entry in listed.split(",")):
+        if not name.startswith(("GPU-", "MIG-")) and not (name.isdigit() and int(name) < available):
+            break
+        names.append(name)
+    return names
 
 
 def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None) -> list[Slot]:

@@ -18,7 +18,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
 from hpo import spec as specs
-from hpo.objective import TrialFailed, make_objective
+from hpo.objective import SURPLUS, WAITED, TrialFailed, make_objective
 from hpo.protocol import Attr, Exit, WorkerArgs, quiet_experimental, worker_id
 from hpo.storage import counts, open_storage
 from maskcls import memory
@@ -52,7 +52,7 @@ def work(spec: specs.StudySpec, args: WorkerArgs, poll_s: float = 1.0) -> int:
         reason = trial.user_attrs.get(Attr.FAIL_REASON, "")
         if trial.state != optuna.trial.TrialState.FAIL:
             failures.clear()
-        elif not reason.startswith("surplus"):
+        elif not reason.startswith((SURPLUS, WAITED)):
             failures.append(f"trial {trial.number}: {reason or 'see the log above'}")
 
     while True:

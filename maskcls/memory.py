@@ -31,7 +31,12 @@ OPTIMIZER_COPIES = {"sgd": 1, "adam": 2, "adamw": 2}
 
 
 class NoRoom(RuntimeError):
-    """The run does not fit on the device: not even alone, or not within the wait for neighbours."""
+    """The run does not fit on the device: never (`waited` False), or not within the wait for the
+    runs beside it (`waited` True: it may fit later)."""
+
+    def __init__(self, message: str, waited: bool):
+        super().__init__(message)
+        self.waited = waited
 
 
 def gib(n: float) -> str:
@@ -124,7 +129,7 @@ def reserve(need: int, device: torch.device, wait_s: float, poll_s: float = 5.0)
     """
     total = torch.cuda.mem_get_info(device)[1]
     if need > total:
-        raise NoRoom(f"needs {gib(need)}, more than the GPU's {gib(total)}")
+        raise NoRoom(f"needs {gib(need)}, more than the GPU's {gib(total)}", waited=False)
     start = time.monotonic()
     while not _hold(need, device):
         waited = time.monotonic() - start
@@ -132,14 +137,16 @@ def reserve(need: int, device: torch.device, wait_s: float, poll_s: float = 5.0)
             free = torch.cuda.mem_get_info(device)[0]
             raise NoRoom(
                 f"needs {gib(need)}; {gib(free)} of {gib(total)} still free after waiting {waited:.0f} s "
-                "for the other runs on this GPU"
+                "for the other runs on this GPU",
+                waited=True,
             )
         time.sleep(poll_s)
     return time.monotonic() - start
 
 
 def _hold(need: int, device: torch.device) -> bool:
-    if torch.cuda.mem_get_info(device)[0] < need:
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # ours, reusable
+    if torch.cuda.mem_get_info(device)[0] + cached < need:
         return False
     try:
         torch.empty(need, dtype=torch.uint8, device=device)
@@ -150,9 +157,12 @@ def _hold(need: int, device: torch.device) -> bool:
 
 
 def release(device: torch.device) -> None:
-    """Give a finished run's memory back: collect what only reference cycles still hold, then
-    return the caching allocator's free blocks to the GPU for the next run or a neighbour.
-    Call it where no traceback of the run is alive (not inside an `except` block)."""
+    """Give a finished run's memory back: collect what only reference cycles still hold, free
+    cuBLAS's workspaces (they live for the whole process and would pin the segment they sit in,
+    often the run's whole reservation), then return the caching allocator's free segments to the
+    GPU for the next run or a neighbour. Call it where no traceback of the run is alive (not inside
+    an `except` block)."""
     gc.collect()
     if device.type == "cuda":
+        torch._C._cuda_clearCublasWorkspaces()  # what PyTorch's own memory-leak checks do
         torch.cuda.empty_cache()

@@ -19,7 +19,6 @@ from torch import nn
 
 from maskcls import weights
 from maskcls.config import ModelConfig
-from maskcls.errors import ConfigError
 from maskcls.labels import NUM_CLASSES
 
 HEAD_SIZES = {"single": (NUM_CLASSES,), "multi": (3, 2, 3)}
@@ -53,11 +52,7 @@ class Classifier(nn.Module):
 def build(cfg: ModelConfig) -> Classifier:
     """The backbone from timm, randomly initialised or with `model.pretrained` weights (see
     maskcls.weights); its ImageNet classifier is dropped for our heads."""
-    if cfg.name not in timm.list_models():
-        close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]
-        raise ConfigError(f"model.name: unknown timm model {cfg.name!r}; similar names: {', '.join(close)}")
-    if cfg.pretrained == weights.IMAGENET:
-        weights.fetch(cfg.name)  # from the cache; else downloaded once, or one clear error
+    weights.check_name(cfg.name)
     backbone = timm.create_model(cfg.name, num_classes=0, **weights.timm_options(cfg))
     return Classifier(backbone, cfg.head, cfg.dropout, cfg.dropout_samples)
 

@@ -127,14 +127,25 @@ class DeviceData:
     val_targets: torch.Tensor  # one-hot float [n_val, 18] of the competition's classes
 
 
-def to_device(data: TrainData, device: torch.device, channels_last: bool) -> DeviceData:
+def device_image_count(cfg: TrainConfig, data: TrainData) -> int:
+    """Images a fit moves to the device: every image for the device backend, which trains from
+    there; the validation images only for the albumentations backend, which trains from the host."""
+    return len(data.table) if cfg.augment.backend == "device" else len(data.val_rows)
+
+
+def to_device(
+    data: TrainData, device: torch.device, channels_last: bool, every_image: bool = True
+) -> DeviceData:
     def one_hot(labels: np.ndarray) -> torch.Tensor:
         return F.one_hot(torch.as_tensor(labels, device=device), NUM_CLASSES).float()
 
+    images, train_rows, val_rows = data.images, data.train_rows, data.val_rows
+    if not every_image:  # validation images only, at positions 0..n_val
+        images, train_rows, val_rows = data.images[val_rows], np.array([], int), np.arange(len(val_rows))
     return DeviceData(
-        images=DeviceImages(data.images, device, channels_last),
-        train_rows=torch.as_tensor(data.train_rows, device=device),
-        val_rows=torch.as_tensor(data.val_rows, device=device),
+        images=DeviceImages(images, device, channels_last),
+        train_rows=torch.as_tensor(train_rows, device=device),
+        val_rows=torch.as_tensor(val_rows, device=device),
         train_targets=one_hot(data.table["train_label"].to_numpy()[data.train_rows]),
         val_targets=one_hot(data.table["label"].to_numpy()[data.val_rows]),
     )
@@ -226,7 +237,7 @@ def setup(cfg: TrainConfig, data: TrainData, device: torch.device) -> Parts:
         schedule=build_schedule(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch, cfg.train.epochs),
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         amp=amp,
-        on=to_device(data, device, cfg.train.channels_last),
+        on=to_device(data, device, cfg.train.channels_last, every_image=cfg.augment.backend == "device"),
         draws=draws,
         epoch_size=epoch_size,
         n_batches=n_batches,
@@ -321,7 +332,8 @@ def fit(
                         f"loss became {loss_sum.item()} at epoch {epoch}, step {step}; "
                         "lower optim.lr or set train.clip_grad"
                     )
-                bar.set_postfix(loss=f"{loss_sum.item() / step:.3f}")
+                if progress:
+                    bar.set_postfix(loss=f"{loss_sum.item() / step:.3f}")
         train_seconds += time.perf_counter() - tick
 
         # Validate on the device, score on the host; a plateau schedule reacts to the score.

@@ -18,6 +18,7 @@ from __future__ import annotations
 # timm, torch and huggingface_hub are imported where used: hpo.spec reads specs with spec_models,
 # and the dispatcher should not pay for them.
 import argparse
+import os
 import socket
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,13 +38,21 @@ def is_random(pretrained: str | None) -> bool:
     return pretrained in (None, "none")
 
 
+def check_name(name: str) -> None:
+    """ConfigError, with similar names, unless timm knows the architecture `name`."""
+    import timm
+
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name.split('_')[0].split('.')[0]}*")[:8]
+        raise ConfigError(f"model.name: unknown timm model {name!r}; similar names: {', '.join(close)}")
+
+
 def timm_options(cfg: ModelConfig) -> dict[str, Any]:
-    """What `timm.create_model` needs for `cfg.pretrained`."""
+    """What `timm.create_model` needs for `cfg.pretrained`. ImageNet weights load from the cached
+    file (fetched first when missing), so a trial never asks the hub again."""
     if is_random(cfg.pretrained):
         return {}
-    if cfg.pretrained == IMAGENET:
-        return {"pretrained": True}
-    path = Path(str(cfg.pretrained)).expanduser()
+    path = fetch(cfg.name) if cfg.pretrained == IMAGENET else Path(str(cfg.pretrained)).expanduser()
     if not path.is_file():
         raise ConfigError(f"model.pretrained: weights file {path} not found (or use none or imagenet)")
     return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
@@ -53,7 +62,10 @@ def hub_location(name: str) -> tuple[str | None, list[str], str | None]:
     """(hub repo, file names timm tries there in order, fallback URL) of `name`'s default weights."""
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # e.g. a tag timm does not know: resnet34.foo
+        cfg = None
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise ConfigError(f"model.pretrained=imagenet: timm has no pretrained weights for {name!r}")
     files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
@@ -102,7 +114,9 @@ def fetch(name: str) -> Path:
 
 def check_reachable(url: str, name: str, timeout_s: float = 5.0) -> None:
     """One quick connection to the hub first: without it, huggingface_hub retries each file for
-    about 25 s before it gives up."""
+    about 25 s before it gives up. Behind a proxy only the proxy can tell, so there it is skipped."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
@@ -134,6 +148,7 @@ def ensure(models: Iterable[ModelConfig]) -> None:
     missing = []
     for cfg in models:
         if cfg.pretrained == IMAGENET:
+            check_name(cfg.name)  # a typo is named as such, not as missing weights
             if cached(cfg.name) is None:
                 missing.append(cfg.name)
         else:

@@ -43,16 +43,19 @@ def build_on_cuda(cfg: ModelConfig):
         return models.build(cfg)
 
 
-def test_validation_loss_and_probabilities_stay_on_the_device(tiny_cfg, data):
+@pytest.mark.parametrize("every_image", [True, False], ids=["device backend", "albumentations backend"])
+def test_validation_loss_and_probabilities_stay_on_the_device(tiny_cfg, data, every_image):
     counts = np.bincount(data.table["train_label"], minlength=NUM_CLASSES)
     with fake_cuda():
-        on = to_device(data, CUDA, channels_last=True)
+        on = to_device(data, CUDA, channels_last=True, every_image=every_image)
         model = build_on_cuda(tiny_cfg.model)
         for weights in ("none", "balanced"):
             loss_fn = losses.build(LossConfig(class_weights=weights), counts, CUDA)
             probs, loss = evaluate(model, on, loss_fn, batch_size=16, amp=contextlib.nullcontext)
             assert on_cuda(probs, loss)
             assert probs.shape == (len(data.val_rows), NUM_CLASSES) and loss.shape == ()
+    # the albumentations backend trains from the host cache: only validation images go to the device
+    assert len(on.images) == (len(data.table) if every_image else len(data.val_rows))
 
 
 CHOICES = [

@@ -215,15 +215,25 @@ def test_gpu_slots_map_through_the_parents_cuda_visible_devices(monkeypatch):
     """Under CUDA_VISIBLE_DEVICES=2,3 the workers must land on physical GPUs 2 and 3, not 0 and 1."""
     from hpo.run import gpu_slots
 
-    monkeypatch.setattr("hpo.run.gpu_count", lambda: 2)
+    monkeypatch.setattr("hpo.run.gpu_count", lambda: 4)  # the physical GPUs, as NVML counts them
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots(None, 1, None)] == ["2", "3"]
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots("1", 2, None)] == [
         "3",
         "3",
     ]  # --gpus indexes them
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a,GPU-1c3e")
-    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots(None, 1, None)] == ["GPU-8f2a", "GPU-1c3e"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a,MIG-1c3e,MIG-77d0")
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots(None, 1, None)] == [
+        "GPU-8f2a",
+        "MIG-1c3e",
+        "MIG-77d0",
+    ]
+    monkeypatch.setenv(
+        "CUDA_VISIBLE_DEVICES", "1,7,0"
+    )  # as CUDA does: the list ends at a GPU that is not there
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots(None, 1, None)] == ["1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # hides every GPU: CPU workers
+    assert [s.device for s in gpu_slots(None, 1, None)] == ["cpu"]
 
 
 def test_a_recipe_that_always_fails_stops_the_run_with_its_reasons(small_root, tmp_path):
