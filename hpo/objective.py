@@ -22,9 +22,11 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from hpo import space
-from hpo.protocol import Attr, worker_id
+from hpo.outage import StorageUnreachable
+from hpo.protocol import INTERRUPTED, Attr, worker_id
 from hpo.spec import StudySpec
 from maskcls import memory, plots
+from maskcls.checkpoint import CheckpointFile
 from maskcls.config import TrainConfig
 from maskcls.infer import autocast
 from maskcls.labels import AgeCutoffs
@@ -91,22 +93,42 @@ def hold_gpu_memory(trial: optuna.Trial, cfg: TrainConfig, n_images: int, device
     torch.cuda.reset_peak_memory_stats(device)  # the peak is the trial's, not the reservation's
 
 
+def checkpoint_of(trial: optuna.Trial, folder: Path | None) -> CheckpointFile | None:
+    """The trial's checkpoint file; a retried trial continues from the one of the trial it retries."""
+    if folder is None:
+        return None
+    retried_from = trial.user_attrs.get(Attr.RETRIED_FROM)
+    previous = folder / f"trial-{retried_from}.pt" if retried_from is not None else None
+    return CheckpointFile(folder / f"trial-{trial.number}.pt", previous)
+
+
 def make_objective(
-    spec: StudySpec, device: torch.device, target: int, artifacts: FileSystemArtifactStore | None
+    spec: StudySpec,
+    device: torch.device,
+    target: int,
+    artifacts: FileSystemArtifactStore | None,
+    checkpoints: Path | None = None,
 ) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
+        checkpoint = checkpoint_of(trial, checkpoints)
         try:
-            return run(trial)
-        except (optuna.TrialPruned, TrialFailed):
+            value = run(trial, checkpoint)
+        except KeyboardInterrupt:  # the checkpoint stays: the trial is queued again and resumes
+            trial.set_user_attr(Attr.FAIL_REASON, INTERRUPTED)
             raise
-        except KeyboardInterrupt:
-            trial.set_user_attr(Attr.FAIL_REASON, "interrupted (Ctrl-C or SIGTERM)")
+        except StorageUnreachable:
+            raise
+        except (optuna.TrialPruned, TrialFailed):
+            _discard(checkpoint)
             raise
         except Exception as err:
             trial.set_user_attr(Attr.FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
+            _discard(checkpoint)
             raise
+        _discard(checkpoint)
+        return value
 
-    def run(trial: optuna.Trial) -> float:
+    def run(trial: optuna.Trial, checkpoint: CheckpointFile | None) -> float:
         trial.set_user_attr(Attr.WORKER, worker_id())
         refuse_surplus(trial, target)
         cfg = spec.base.override(space.suggest(trial, spec.params))
@@ -126,9 +148,12 @@ def make_objective(
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}: val macro-F1 {score:.4f}")
 
+        saved = checkpoint.load(device) if checkpoint is not None else None
+        if saved is not None:
+            trial.set_user_attr(Attr.RESUMED_AT, saved["course"]["epoch"])
         out_of_memory = None
         try:
-            result = fit(cfg, data, device, on_epoch)
+            result = fit(cfg, data, device, on_epoch, checkpoint=checkpoint)
         except Diverged as err:
             raise fail(trial, f"diverged: {err}") from None
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
@@ -146,6 +171,11 @@ def make_objective(
         return validated(result.best_val_macro_f1)
 
     return objective
+
+
+def _discard(checkpoint: CheckpointFile | None) -> None:
+    if checkpoint is not None:
+        checkpoint.discard()
 
 
 def _record(

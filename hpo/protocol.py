@@ -32,6 +32,8 @@ class Attr:
     THREADS = "threads"  # CPU threads; export --holdout reproduces a CPU trial with them
     CONFIG = "config"  # the resolved TrainConfig as a dict: export rebuilds the recipe from it
     FAIL_REASON = "fail_reason"
+    RETRIED_FROM = "retried_from"  # on a re-queued trial: the number of the trial it retries
+    RESUMED_AT = "resumed_at_epoch"  # the epoch of the checkpoint a retried trial continued from
     BEST_EPOCH = "best_epoch"
     PER_CLASS_F1 = "per_class_f1"
     VAL_ACCURACY = "val_accuracy"
@@ -44,6 +46,9 @@ class Attr:
     EXPORT = "export"  # on the study: the last hpo.export-best
 
 
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"  # a fail_reason: such a trial is queued again and resumes
+
+
 class Exit:
     """How our processes end."""
 
@@ -51,6 +56,7 @@ class Exit:
     FAILED = 1  # the run stopped: a worker kept failing trials or kept dying
     USAGE = 2  # bad input: one `error:` line says what to fix (maskcls.cli.run_main)
     TOO_MANY_FAILURES = 3  # a worker saw five failed trials in a row
+    STORAGE_LOST = 4  # the storage stayed unreachable past the outage window
     INTERRUPTED = 130  # Ctrl-C or SIGTERM
 
 
@@ -73,6 +79,11 @@ def artifacts_dir(given: str | None, runs_dir: Path) -> Path:
     return Path(given or os.environ.get("HPO_ARTIFACTS") or runs_dir / "artifacts")
 
 
+def checkpoints_dir(artifacts: Path) -> Path:
+    """Per-trial checkpoints live beside the artifacts, on the filesystem every worker shares."""
+    return artifacts.parent / "checkpoints"
+
+
 def export_dir(given: str | None, runs_dir: Path) -> Path:
     """--out, else runs/<study>/export."""
     return Path(given) if given else runs_dir / "export"
@@ -89,18 +100,23 @@ def quiet_experimental() -> Iterator[None]:
         yield
 
 
+STORAGE_ENV = "HPO_STORAGE"  # how a worker gets the storage URL: never on its command line
+
+
 @dataclass(frozen=True)
 class WorkerArgs:
-    """The command line of one `python -m hpo.worker`: written by the dispatcher, read by the worker."""
+    """The command line of one `python -m hpo.worker`: written by the dispatcher, read by the
+    worker. The storage URL, which may hold a password, travels in the environment instead
+    (`ps` shows every command line; a process's environment only to its user)."""
 
     study: str  # spec name or path
-    storage: str
     target: int  # finished trials the study should hold
     device: str = "auto"
     threads: int | None = None  # CPU threads for this worker
     data: str | None = None
     artifacts: str | None = None
     deadline: float | None = None  # start no trial after this UNIX time
+    parent: int | None = None  # the dispatcher's pid: the worker stops when it is gone
 
     def to_argv(self) -> list[str]:
         argv = []
@@ -109,6 +125,17 @@ class WorkerArgs:
             if value is not None:
                 argv += [f"--{f.name}", str(value)]
         return argv
+
+    @staticmethod
+    def storage_env(url: str) -> dict[str, str]:
+        return {STORAGE_ENV: url}
+
+    @staticmethod
+    def storage() -> str:
+        url = os.environ.get(STORAGE_ENV)
+        if not url:
+            raise SystemExit(f"hpo.worker: ${STORAGE_ENV} is not set (workers are started by hpo.run)")
+        return url
 
     @classmethod
     def from_argv(cls, argv: Sequence[str] | None = None) -> WorkerArgs:

@@ -10,6 +10,7 @@ recovered by the heartbeat. Ctrl-C stops cleanly: no trial is left RUNNING.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import os
@@ -23,11 +24,22 @@ from pathlib import Path
 
 import optuna
 from filelock import FileLock
+from tqdm import tqdm
 
 from hpo import spec as specs
+from hpo.outage import StorageUnreachable
 from hpo.progress import Progress, SlotStatus, summary
-from hpo.protocol import Attr, Exit, WorkerArgs, artifacts_dir, quiet_experimental, worker_id
-from hpo.storage import counts, masked, open_storage, resolve_url, retry
+from hpo.protocol import (
+    INTERRUPTED,
+    Attr,
+    Exit,
+    WorkerArgs,
+    artifacts_dir,
+    checkpoints_dir,
+    quiet_experimental,
+    worker_id,
+)
+from hpo.storage import counts, masked, open_storage, requeue, resolve_url, setup_lock
 from maskcls import weights
 from maskcls.cli import run_main
 from maskcls.errors import UserError
@@ -119,9 +131,12 @@ def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None) -> list[Slot]
 
 
 def prepare_data(spec: specs.StudySpec) -> None:
-    """Generate the spec's stand-in on first use (once, even with several commands), then scan it."""
-    from maskcls.data.layout import scan  # pandas and PIL load here, not for --help
+    """Generate the spec's stand-in on first use (once, even with several commands), then check it:
+    its layout, and that every photo decodes (a bad one stops the run before any trial)."""
+    from maskcls.data.check import verify_decodable  # pandas and PIL load here, not for --help
+    from maskcls.data.layout import read_layout
     from maskcls.data.synth import generate
+    from maskcls.errors import DataError
 
     root = Path(spec.base.data.root)
     if spec.synth and not root.exists():
@@ -131,7 +146,11 @@ def prepare_data(spec: specs.StudySpec) -> None:
                 print(f"generating the stand-in data set in {root} (first use)", file=sys.stderr)
                 synth = spec.synth
                 generate(root, synth.people, synth.eval_people, synth.seed, (synth.size[0], synth.size[1]))
-    scan(root, spec.base.data.corrections)
+    found = read_layout(root, spec.base.data.corrections)
+    if found.problems:
+        raise DataError(found.problems)
+    eval_paths = list(found.eval["path"]) if found.eval is not None else []
+    verify_decodable([*found.train["path"], *eval_paths], spec.base.data.cache_dir, sys.stderr.isatty())
 
 
 def check_weights(spec: specs.StudySpec) -> None:
@@ -150,11 +169,17 @@ class Dispatcher:
     """Keeps one worker process per slot running until the study holds its target: restarts a
     worker that dies (failing and re-queueing its trial), stops everything cleanly on Ctrl-C."""
 
-    def __init__(self, spec: specs.StudySpec, slots: list[Slot], args: WorkerArgs, progress: Progress):
-        self.spec, self.slots, self.args, self.progress = spec, slots, args, progress
-        self.study = optuna.load_study(
-            study_name=spec.name, storage=open_storage(args.storage, spec.heartbeat)
-        )
+    def __init__(
+        self,
+        spec: specs.StudySpec,
+        study: optuna.Study,
+        url: str,
+        slots: list[Slot],
+        args: WorkerArgs,
+        progress: Progress,
+    ):
+        self.spec, self.study, self.url, self.slots, self.args = spec, study, url, slots, args
+        self.progress = progress
         self.log_dir = spec.runs_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -164,14 +189,15 @@ class Dispatcher:
         with open(slot.log, "a") as log:
             slot.proc = subprocess.Popen(
                 [sys.executable, "-m", "hpo.worker", *args.to_argv()],
-                env={**os.environ, **slot.env},
+                env={**os.environ, **slot.env, **WorkerArgs.storage_env(self.url)},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
 
-    def fail_trials_of(self, slot: Slot, reason: str, requeue: bool) -> list[int]:
-        """Mark the RUNNING trials of a slot's (dead or stopped) worker failed, and re-queue them."""
+    def fail_trials_of(self, slot: Slot, reason: str) -> list[int]:
+        """Mark the RUNNING trials of a slot's (dead or stopped) worker failed, and re-queue them:
+        they resume from their last checkpoint."""
         failed = []
         running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         storage = self.study._storage
@@ -180,8 +206,7 @@ class Dispatcher:
                 storage.set_trial_user_attr(trial._trial_id, Attr.FAIL_REASON, reason)
                 if storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
                     failed.append(trial.number)
-                    if requeue:
-                        retry(self.study, storage.get_trial(trial._trial_id), self.spec.heartbeat.max_retry)
+                    requeue(self.study, storage.get_trial(trial._trial_id), self.spec.heartbeat.max_retry)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # it finished (or the heartbeat failed it) in the meantime
         return failed
@@ -208,14 +233,15 @@ class Dispatcher:
             code = slot.proc.returncode
             if code == Exit.OK:
                 slot.done = True
+            elif code == Exit.STORAGE_LOST:
+                self.stop("stopping: a worker lost the storage")
+                raise StorageUnreachable(f"a worker could not reach it for {self.spec.heartbeat.outage} s")
             elif code == Exit.TOO_MANY_FAILURES:
                 self.stop("stopping: a worker saw too many failed trials in a row")
                 print(self.log_tail(slot), file=sys.stderr)
                 return Exit.FAILED
             else:
-                failed = self.fail_trials_of(
-                    slot, f"worker {slot.name} died (exit code {code})", requeue=True
-                )
+                failed = self.fail_trials_of(slot, f"worker {slot.name} died (exit code {code})")
                 self.progress.note(
                     f"worker {slot.name} died (exit code {code}); trial(s) {failed or 'none'} failed and "
                     f"re-queued; log: {slot.log}"
@@ -241,8 +267,9 @@ class Dispatcher:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for slot in self.slots:
-            self.fail_trials_of(slot, "interrupted (Ctrl-C or SIGTERM)", requeue=False)
+        with contextlib.suppress(StorageUnreachable):  # then the heartbeat fails them later
+            for slot in self.slots:
+                self.fail_trials_of(slot, INTERRUPTED)
 
     def log_tail(self, slot: Slot, lines: int = 15) -> str:
         text = slot.log.read_text(errors="replace").splitlines() if slot.log and slot.log.exists() else []
@@ -281,20 +308,38 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def open_study(spec: specs.StudySpec, storage: optuna.storages.RDBStorage) -> optuna.Study:
-    """Create the study, or load it when another machine or an earlier run made it."""
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=storage,
-        direction="maximize",
-        sampler=spec.make_sampler(),
-        pruner=spec.make_pruner(),
-        load_if_exists=True,
-    )
-    with quiet_experimental():
-        study.set_metric_names([specs.METRIC])  # the dashboard's axes say val_macro_f1, not "Objective 0"
-    for recipe in spec.enqueue:
-        study.enqueue_trial(recipe, skip_if_exists=True)
+    """Create the study, or load it when another machine or an earlier run made it; one run at a
+    time, so that runs started together create it once and queue its recipes once."""
+    with setup_lock(storage, spec.name):
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=storage,
+            direction="maximize",
+            sampler=spec.make_sampler(),
+            pruner=spec.make_pruner(),
+            load_if_exists=True,
+        )
+        with quiet_experimental():
+            study.set_metric_names([specs.METRIC])  # the dashboard's axes say val_macro_f1
+        for recipe in spec.enqueue:
+            study.enqueue_trial(recipe, skip_if_exists=True)
     return study
+
+
+def sweep_checkpoints(study: optuna.Study, folder: Path) -> None:
+    """Delete the checkpoints that no trial will continue from: a trial deletes its own when it
+    ends, but one that died with no retry left (max_retry) leaves its file behind."""
+    trials = study.get_trials(deepcopy=False)
+    alive = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    wanted = {f"trial-{t.number}" for t in trials if t.state == optuna.trial.TrialState.RUNNING}
+    wanted |= {f"trial-{t.user_attrs.get(Attr.RETRIED_FROM)}" for t in trials if t.state in alive}
+    for path in folder.glob("trial-*.pt"):
+        if path.stem not in wanted:
+            path.unlink(missing_ok=True)
+
+
+def outage_note(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -305,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--n-trials must be at least 1, got {target}")
     slots = gpu_slots(args.gpus, args.trials_per_gpu, args.workers)
     url = resolve_url(args.storage, spec)
-    storage = open_storage(url, spec.heartbeat)
+    storage = open_storage(url, spec.heartbeat, on_outage=outage_note)
     prepare_data(spec)  # a data or weights problem stops here, before anything is written to the storage
     check_weights(spec)
     study = open_study(spec, storage)
@@ -322,18 +367,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Exit.OK
     deadline = time.time() + args.timeout if args.timeout else None
     worker_args = WorkerArgs(
-        str(spec.path), url, target, data=spec.base.data.root, artifacts=str(artifacts), deadline=deadline
+        str(spec.path),
+        target,
+        data=spec.base.data.root,
+        artifacts=str(artifacts),
+        deadline=deadline,
+        parent=os.getpid(),
     )
     progress = Progress(spec, target, [s.name for s in slots], enabled=not args.no_progress)
-    dispatcher = Dispatcher(spec, slots, worker_args, progress)
+    dispatcher = Dispatcher(spec, study, url, slots, worker_args, progress)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         code = dispatcher.run()
+    except StorageUnreachable as err:
+        dispatcher.stop("the storage is unreachable: stopping the workers")
+        print(
+            f"error: storage {masked(url)} unreachable ({err}); every worker is stopped. Their running "
+            "trials are failed and queued again by the heartbeat once it is back: re-run the same command",
+            file=sys.stderr,
+        )
+        return Exit.FAILED
     except KeyboardInterrupt:
         dispatcher.stop("interrupted: stopping the workers; running trials are marked failed")
         print(summary(study, target, spec, url, artifacts), file=sys.stderr)
         print("re-run the same command to continue the study", file=sys.stderr)
         return Exit.INTERRUPTED
+    sweep_checkpoints(study, checkpoints_dir(artifacts))
     print(summary(study, target, spec, url, artifacts))
     return code
 

@@ -10,7 +10,7 @@ sampler: {name: tpe}              # tpe (multivariate, constant liar) | random |
 pruner: {name: hyperband}         # hyperband | median | successive_halving | threshold | none
 space: {...}                      # see hpo.space
 enqueue: [{optim.lr: 0.003}]      # recipes run first, so a search never ends below them
-heartbeat: {interval: 10, grace: 60, max_retry: 2}
+heartbeat: {interval: 10, grace: 60, max_retry: 2, outage: 300}
 ```
 """
 
@@ -77,6 +77,7 @@ class Heartbeat:
     interval: int = 10  # seconds between a running trial's heartbeats
     grace: int = 60  # a RUNNING trial silent this long is failed and re-queued
     max_retry: int = 2  # re-queues of one trial before it stays failed
+    outage: int = 300  # seconds the storage may stay unreachable before the run gives up
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def load(name_or_path: str) -> StudySpec:
     try:
         heartbeat = Heartbeat(**(raw.get("heartbeat") or {}))
     except TypeError:
-        raise UserError(f"{path}: heartbeat takes interval, grace and max_retry") from None
+        raise UserError(f"{path}: heartbeat takes interval, grace, max_retry and outage") from None
     n_trials = raw.get("n_trials", 20)
     if not isinstance(n_trials, int) or n_trials < 1:
         raise UserError(f"{path}: n_trials must be a positive integer")

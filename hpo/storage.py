@@ -10,23 +10,28 @@ that it is WAITING, then write RUNNING) interleaved between two workers and both
 PostgreSQL locks the row (SELECT ... FOR UPDATE) and needs none of this. PostgreSQL and MySQL get
 pool_pre_ping (survive server restarts) and a small pool per process, which is what many workers
 on many machines need. Heartbeats let a RUNNING trial of a dead machine be failed and re-queued.
+Every operation waits out an outage of the server (hpo.outage).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
-from sqlalchemy import event
+from filelock import FileLock
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from hpo.protocol import quiet_experimental
+from hpo.outage import OUTAGE_S, OnOutage, ResilientStorage, StorageUnreachable, waiting
+from hpo.protocol import Attr, quiet_experimental
 from hpo.spec import Heartbeat, StudySpec
 from maskcls.errors import UserError
 
@@ -60,9 +65,15 @@ def engine_kwargs(url: str, tuned: bool = True) -> dict:
 
 
 def open_storage(
-    url: str, heartbeat: Heartbeat | None = None, tuned: bool = True
-) -> optuna.storages.RDBStorage:
-    """An RDBStorage, or UserError naming the (masked) URL and the reason it cannot be used."""
+    url: str,
+    heartbeat: Heartbeat | None = None,
+    tuned: bool = True,
+    on_outage: OnOutage | None = None,
+    wait: bool = False,
+) -> ResilientStorage:
+    """A storage that waits out outages (ResilientStorage), or UserError naming the (masked) URL
+    and the reason it cannot be used. With `wait`, a server that is down now is waited for too
+    (a worker restarted during an outage); otherwise that is an error at once (a wrong URL)."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -71,6 +82,7 @@ def open_storage(
             "postgresql+psycopg://user:password@host/db)"
         ) from None
     database = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    outage_s = heartbeat.outage if heartbeat is not None else OUTAGE_S
     try:
         if database and database != ":memory:" and tuned:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -81,16 +93,20 @@ def open_storage(
                 options = {
                     "heartbeat_interval": heartbeat.interval,
                     "grace_period": heartbeat.grace,
-                    "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=heartbeat.max_retry
+                    "heartbeat_stale_trial_callback": lambda study, trial: requeue(
+                        study, trial, heartbeat.max_retry
                     ),
                 }
             kwargs = engine_kwargs(url, tuned)
-            storage = _while_racing(lambda: optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **options))
+
+            def make() -> ResilientStorage:
+                return ResilientStorage(url, outage_s, on_outage, engine_kwargs=kwargs, **options)
+
+            storage = _while_racing(lambda: waiting(make, url, outage_s, on_outage) if wait else make())
             if database and tuned:
                 event.listen(storage.engine, "begin", _begin_immediate)
             return storage
-    except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error) as err:
+    except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error, StorageUnreachable) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot use storage {masked(url)}: {reason}") from None
 
@@ -121,10 +137,54 @@ def _while_racing(make: Callable[[], T]) -> T:
     return make()
 
 
-def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int) -> None:
-    """Re-queue a failed trial with the same parameters, the way the heartbeat does."""
-    with quiet_experimental():
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int) -> None:
+    """Queue a failed trial again with the same parameters and its reported epochs (it resumes from
+    its checkpoint), as Optuna's RetryHeartbeatStaleTrialCallback does, but starting clean: the
+    retry records `retried_from` instead of inheriting the failed trial's fail_reason."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > max_retry:
+        return
+    system_attrs = {
+        **trial.system_attrs,
+        "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+        "retry_history": history,
+    }
+    study.add_trial(
+        optuna.create_trial(
+            state=optuna.trial.TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs={Attr.RETRIED_FROM: trial.number},
+            system_attrs=system_attrs,
+            intermediate_values=trial.intermediate_values,
+        )
+    )
+
+
+@contextlib.contextmanager
+def setup_lock(storage: optuna.storages.RDBStorage, name: str) -> Iterator[None]:
+    """One process at a time sets a study up (create it, queue its recipes), across every machine
+    sharing the storage: a lock file beside a SQLite database, an advisory lock on PostgreSQL and
+    MySQL. Optuna's enqueue_trial(skip_if_exists=True) checks and then inserts, so two runs
+    starting together would both queue the recipes."""
+    url = storage.engine.url
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        with FileLock(f"{url.database}.setup.lock"):
+            yield
+        return
+    key = int.from_bytes(hashlib.sha256(f"hpo setup {name}".encode()).digest()[:7], "big")
+    lock, unlock = {
+        "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
+        "mysql": ("SELECT GET_LOCK(:k, 600)", "SELECT RELEASE_LOCK(:k)"),
+    }.get(backend, ("SELECT 1", "SELECT 1"))
+    with storage.engine.connect() as conn:
+        conn.execute(text(lock), {"k": key if backend == "postgresql" else str(key)})
+        try:
+            yield
+        finally:
+            conn.execute(text(unlock), {"k": key if backend == "postgresql" else str(key)})
+            conn.commit()
 
 
 def counts(study: optuna.Study) -> dict[str, int]:

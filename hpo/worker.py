@@ -9,18 +9,30 @@ Optuna's heartbeat thread, stale-trial recovery and FAIL-on-interrupt. The targe
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import optuna
+import torch
 from optuna.artifacts import FileSystemArtifactStore
 
 from hpo import spec as specs
 from hpo.objective import SURPLUS, WAITED, TrialFailed, make_objective
-from hpo.protocol import Attr, Exit, WorkerArgs, quiet_experimental, worker_id
-from hpo.storage import counts, open_storage
+from hpo.protocol import (
+    INTERRUPTED,
+    Attr,
+    Exit,
+    WorkerArgs,
+    checkpoints_dir,
+    quiet_experimental,
+    worker_id,
+)
+from hpo.storage import counts, open_storage, requeue
 from maskcls import memory
 from maskcls.cli import run_main
 from maskcls.infer import pick_device
@@ -36,16 +48,64 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def watch_parent(parent: int | None, every_s: float = 1.0) -> None:
+    """Stop like on SIGTERM (the trial is failed and re-queued) once the dispatcher is gone, so no
+    worker trains on as an orphan whose result the study would refuse."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        print("the dispatcher is gone; stopping this worker", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if parent is not None:
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def requeue_interrupted(study: optuna.Study, max_retry: int) -> None:
+    """Ctrl-C or SIGTERM failed this worker's trial (Optuna marks it FAIL): queue it again, so the
+    next run continues it from its checkpoint instead of sampling something else."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(Attr.RETRIED_FROM) for t in trials}
+    for trial in trials:
+        if (
+            trial.state == optuna.trial.TrialState.FAIL
+            and trial.user_attrs.get(Attr.WORKER) == worker_id()
+            and str(trial.user_attrs.get(Attr.FAIL_REASON, "")).startswith(INTERRUPTED)
+            and trial.number not in retried
+        ):
+            requeue(study, trial, max_retry)
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
 def work(spec: specs.StudySpec, args: WorkerArgs, poll_s: float = 1.0) -> int:
     device = pick_device(args.device)
+    storage = open_storage(WorkerArgs.storage(), spec.heartbeat, on_outage=log, wait=True)
     study = optuna.load_study(
         study_name=spec.name,
-        storage=open_storage(args.storage, spec.heartbeat),
+        storage=storage,
         sampler=spec.make_sampler(worker_id()),
         pruner=spec.make_pruner(),
     )
     store = FileSystemArtifactStore(args.artifacts) if args.artifacts else None
-    objective = make_objective(spec, device, args.target, store)
+    checkpoints = checkpoints_dir(Path(args.artifacts)) if args.artifacts else None
+    objective = make_objective(spec, device, args.target, store, checkpoints)
+    try:
+        return trials(study, objective, args, device, poll_s)
+    except KeyboardInterrupt:
+        requeue_interrupted(study, spec.heartbeat.max_retry)
+        raise
+    except Exception:  # Optuna's own bookkeeping fails in odd ways once the storage is gone
+        if not storage.outage.gave_up:
+            raise
+        log(f"error: storage unreachable for more than {spec.heartbeat.outage} s; stopping this worker")
+        return Exit.STORAGE_LOST
+
+
+def trials(study: optuna.Study, objective, args: WorkerArgs, device: torch.device, poll_s: float) -> int:
     failures: list[str] = []
 
     def note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -79,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = WorkerArgs.from_argv(argv)
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    watch_parent(args.parent)
     configure_cpu(args.threads)
     optuna.logging.set_verbosity(optuna.logging.INFO)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -58,6 +58,16 @@ class Schedule:
         if self.plateau is not None:
             self.plateau.step(val_macro_f1)
 
+    def state_dict(self) -> dict:
+        plateau = self.plateau.state_dict() if self.plateau is not None else None
+        return {"per_step": self.per_step.state_dict(), "plateau": plateau, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.per_step.load_state_dict(state["per_step"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(state["plateau"])
+        self.steps = state["steps"]
+
 
 def build_schedule(optimizer, cfg: ScheduleConfig, lr: float, steps_per_epoch: int, epochs: int) -> Schedule:
     total = steps_per_epoch * epochs

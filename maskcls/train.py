@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from maskcls import losses, models, weights
+from maskcls.checkpoint import CheckpointFile
 from maskcls.cli import run_main
 from maskcls.config import TrainConfig, load, parse_overrides
 from maskcls.data import cache
@@ -40,9 +41,11 @@ from maskcls.optim import Schedule, build_optimizer, build_schedule
 from maskcls.rundir import write_json, write_model_dir
 from maskcls.runtime import configure_cpu
 
+DIVERGED_FACTOR = 100  # a loss this many times its first steps' mean has diverged, finite or not
+
 
 class Diverged(RuntimeError):
-    """The loss became NaN or infinite; the message says when and what to change."""
+    """The loss became NaN, infinite or exploded; the message says when and what to change."""
 
 
 @dataclass(frozen=True)
@@ -292,20 +295,91 @@ class Best:
             self.epoch, self.score, self.state, self.probs = epoch, score, state, probs
 
 
+@dataclass
+class Course:
+    """Where a fit stands after `epoch`: what a checkpoint carries besides the parts' own state."""
+
+    epoch: int = 0
+    history: list[EpochMetrics] = field(default_factory=list)
+    best: Best = field(default_factory=Best)
+    first_loss: float | None = None  # mean loss of the first steps; the divergence bound's base
+    train_seconds: float = 0.0
+
+    def check_loss(self, mean: float, epoch: int, step: int) -> None:
+        """Stop a run whose loss is no longer finite or has grown DIVERGED_FACTOR times over."""
+        if self.first_loss is None and math.isfinite(mean):
+            self.first_loss = mean
+        if not math.isfinite(mean) or mean > DIVERGED_FACTOR * (self.first_loss or math.inf):
+            finite = math.isfinite(mean)
+            grown = f", over {DIVERGED_FACTOR}x its start ({self.first_loss:.3g})" if finite else ""
+            raise Diverged(
+                f"loss became {mean:.4g} at epoch {epoch}, step {step}{grown}; "
+                "lower optim.lr or set train.clip_grad"
+            )
+
+
+def snapshot(p: Parts, c: Course) -> dict[str, Any]:
+    """Everything to continue after epoch `c.epoch`, as torch.load(weights_only=True) reads it."""
+    rng = {
+        "torch": torch.get_rng_state(),
+        "order": p.draws.order.get_state(),
+        "augment": p.draws.augment.get_state(),
+        "mix": p.draws.mix.bit_generator.state,
+    }
+    if p.on.images.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(p.on.images.device)
+    best: dict[str, Any] = {"epoch": c.best.epoch, "score": c.best.score, "state": c.best.state}
+    best["probs"] = _tensor(c.best.probs)
+    course = {"epoch": c.epoch, "first_loss": c.first_loss, "train_seconds": c.train_seconds}
+    return {
+        "course": {**course, "history": [m.to_dict() for m in c.history], "best": best},
+        "model": p.model.state_dict(),
+        "optimizer": p.optimizer.state_dict(),
+        "schedule": p.schedule.state_dict(),
+        "scaler": p.scaler.state_dict(),
+        "rng": rng,
+    }
+
+
+def restore(p: Parts, state: dict[str, Any]) -> Course:
+    p.model.load_state_dict(state["model"])
+    p.optimizer.load_state_dict(state["optimizer"])
+    p.schedule.load_state_dict(state["schedule"])
+    p.scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"].cpu())
+    p.draws.order.set_state(rng["order"].cpu())
+    p.draws.augment.set_state(rng["augment"].cpu())
+    p.draws.mix.bit_generator.state = rng["mix"]
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), p.on.images.device)
+    course = dict(state["course"])
+    best = dict(course["best"])
+    best["probs"] = best["probs"].cpu().numpy() if best["probs"] is not None else None
+    history = [EpochMetrics(**m) for m in course["history"]]
+    return Course(**{**course, "history": history, "best": Best(**best)})
+
+
+def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    return torch.from_numpy(np.ascontiguousarray(array)) if array is not None else None
+
+
 def fit(
     cfg: TrainConfig,
     data: TrainData,
     device: torch.device | str = "cpu",
     on_epoch: OnEpoch | None = None,
     progress: bool = False,
+    checkpoint: CheckpointFile | None = None,
 ) -> FitResult:
     device = torch.device(device)
     started = time.perf_counter()
     p = setup(cfg, data, device)
     val_labels = data.table["label"].to_numpy()[data.val_rows]
-    history: list[EpochMetrics] = []
-    best, stop_reason, train_seconds = Best(), "completed", 0.0
-    for epoch in range(1, cfg.train.epochs + 1):
+    saved = checkpoint.load(device) if checkpoint is not None else None
+    c = restore(p, saved) if saved is not None else Course()  # a retried run goes on where it stopped
+    stop_reason = "completed"
+    for epoch in range(c.epoch + 1, cfg.train.epochs + 1):
         # Train: forward and backward every batch, an optimizer step every `accumulate` batches.
         p.model.train()
         tick = time.perf_counter()
@@ -327,46 +401,47 @@ def fit(
                 p.schedule.step()
             # Read the loss every 20 steps only: each read makes the host wait for the device.
             if step % 20 == 0 or step == p.n_batches:
-                if not torch.isfinite(loss_sum):
-                    raise Diverged(
-                        f"loss became {loss_sum.item()} at epoch {epoch}, step {step}; "
-                        "lower optim.lr or set train.clip_grad"
-                    )
+                mean_loss = loss_sum.item() / step
+                c.check_loss(mean_loss, epoch, step)
                 if progress:
-                    bar.set_postfix(loss=f"{loss_sum.item() / step:.3f}")
-        train_seconds += time.perf_counter() - tick
+                    bar.set_postfix(loss=f"{mean_loss:.3f}")
+        c.train_seconds += time.perf_counter() - tick
 
         # Validate on the device, score on the host; a plateau schedule reacts to the score.
         metrics, probs = epoch_metrics(p, cfg, epoch, loss_sum, val_labels, tick)
-        history.append(metrics)
+        c.history.append(metrics)
         if metrics.val_macro_f1 is not None:
             p.schedule.epoch_end(metrics.val_macro_f1)
         # Keep the best epoch's weights; without validation people the last epoch is the best.
         score = metrics.val_macro_f1 if metrics.val_macro_f1 is not None else float(epoch)
-        best.offer(epoch, score, p.model, probs)
+        c.best.offer(epoch, score, p.model, probs)
+        c.epoch = epoch
         if progress:
             tqdm.write(str(metrics))
         # Report the epoch: the search stops a hopeless run by raising here.
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+        # Checkpoint: a run that is interrupted from here on continues after this epoch.
+        if checkpoint is not None:
+            checkpoint.save(snapshot(p, c))
         # Stop early once validation macro-F1 has not improved for `patience` epochs.
         patience = cfg.train.patience
-        if patience and probs is not None and epoch - best.epoch >= patience:
+        if patience and len(val_labels) and epoch - c.best.epoch >= patience:
             stop_reason = f"early stop: no better val macro-F1 for {patience} epochs"
             break
 
-    assert best.state is not None  # every run trains at least one epoch
-    p.model.load_state_dict(best.state)
+    assert c.best.state is not None  # every run trains at least one epoch
+    p.model.load_state_dict(c.best.state)
     p.model.eval()
     return FitResult(
         model=p.model,
-        best_epoch=best.epoch,
-        best_val_macro_f1=best.score if len(val_labels) else None,
-        history=history,
-        val_probs=best.probs,
+        best_epoch=c.best.epoch,
+        best_val_macro_f1=c.best.score if len(val_labels) else None,
+        history=c.history,
+        val_probs=c.best.probs,
         val_labels=val_labels,
         stop_reason=stop_reason,
-        images_per_s=p.epoch_size * len(history) / max(train_seconds, 1e-9),
+        images_per_s=p.epoch_size * len(c.history) / max(c.train_seconds, 1e-9),
         wall_s=time.perf_counter() - started,
     )
 

@@ -27,8 +27,8 @@ def test_every_user_attribute_key_is_spelled_only_in_the_protocol():
 @pytest.mark.parametrize(
     "args",
     [
-        WorkerArgs("demo", "sqlite:///x.db", 12),
-        WorkerArgs("studies/m.yaml", "postgresql+psycopg://u@h/db", 5, "cuda", 4, "/data", "/a", 1.7e9),
+        WorkerArgs("demo", 12),
+        WorkerArgs("studies/m.yaml", 5, "cuda", 4, "/data", "/a", 1.7e9, 4242),
     ],
 )
 def test_worker_arguments_survive_the_command_line(args):

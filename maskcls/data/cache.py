@@ -73,21 +73,23 @@ def build(
 
 
 def _write(target: Path, paths, size, center_crop, workers, progress) -> None:
-    def fill(i: int, array: np.ndarray) -> None:
+    def fill(i: int, array: np.ndarray) -> str | None:
         try:
             array[i] = load_image(paths[i], size, center_crop)
         except (OSError, SyntaxError, ValueError) as err:
-            raise DataError([f"{paths[i]}: not a decodable image ({err})"]) from None
+            return f"{paths[i]}: not a decodable image ({err})"
+        return None
 
     def decode_all(tmp: Path) -> None:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:  # PIL frees the GIL
             jobs = pool.map(lambda i: fill(i, array), range(len(paths)))
-            list(
-                tqdm(
-                    jobs, total=len(paths), desc="decode once", unit="img", disable=not progress, leave=False
-                )
+            bar = tqdm(
+                jobs, total=len(paths), desc="decode once", unit="img", disable=not progress, leave=False
             )
+            problems = [problem for problem in bar if problem]
+        if problems:  # every undecodable image at once, and no cache file
+            raise DataError(problems)
         array.flush()
 
     write_atomic(target, decode_all)

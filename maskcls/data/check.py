@@ -10,12 +10,14 @@ import argparse
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
 from maskcls.cli import run_main
+from maskcls.data import cache
 from maskcls.data.layout import read_layout
 from maskcls.errors import DataError
 from maskcls.labels import NUM_CLASSES, AgeCutoffs, class_name
@@ -39,6 +41,19 @@ def undecodable(paths: Iterable[str], workers: int = 4, progress: bool = True) -
             pool.map(problem, paths), total=len(paths), desc="decode", unit="img", disable=not progress
         )
         return [p for p in found if p]
+
+
+def verify_decodable(paths: Sequence[str], cache_dir: str | Path, progress: bool = True) -> None:
+    """DataError naming every image that does not decode; checked once per set of files (a marker
+    in the cache folder keyed by their names, sizes and times), so a re-run pays only the stats."""
+    marker = Path(cache_dir) / f"decodable-{cache.fingerprint(paths, (0, 0), 1.0)}"
+    if marker.exists():
+        return
+    problems = undecodable(paths, progress=progress)
+    if problems:
+        raise DataError(problems)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
 
 
 def check(

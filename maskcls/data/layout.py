@@ -165,6 +165,9 @@ def _person_images(folder: Path, problems: list[str]) -> dict[str, Path]:
     by_stem: dict[str, list[Path]] = {}
     for path in _visible(folder):
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.stem in MASK_STEMS:
+            if path.stat().st_size == 0:
+                problems.append(f"{path}: empty file (0 bytes)")
+                continue
             by_stem.setdefault(path.stem, []).append(path)
         else:
             problems.append(
@@ -189,10 +192,12 @@ def _read_eval(eval_dir: Path, problems: list[str]) -> pd.DataFrame | None:
         return None
     if table is None:
         return None
-    present = {p.name for p in _visible(images_dir)}
+    present = {p.name: p for p in _visible(images_dir)}
     for image_id in table["ImageID"]:
         if image_id not in present:
             problems.append(f"{images_dir / image_id}: listed in info.csv but missing")
+        elif present[image_id].stat().st_size == 0:
+            problems.append(f"{images_dir / image_id}: empty file (0 bytes)")
     return pd.DataFrame(
         {
             "ImageID": table["ImageID"],

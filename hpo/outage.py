@@ -1,0 +1,200 @@
+"""Storage outages are weather: a PostgreSQL restart, a failover, a network blip or "too many
+clients" make every storage operation of this process wait and try again, with bounded
+exponential backoff and jitter, for up to a window (the spec's `heartbeat.outage`, 5 minutes by
+default). A worker then finishes the epoch it is in and holds its report until the storage is
+back; Optuna's heartbeat thread waits the same way instead of dying. Past the window every later
+operation fails at once with StorageUnreachable, so a process can stop with one clear line.
+
+Two consequences are handled here too. A completion whose first commit went through before the
+connection dropped is refused when retried ("already finished"): it counts as done when the
+stored trial already holds the same state and values. And once the storage is back, every
+RUNNING trial's heartbeat is old: trials are not failed as stale until this process has seen the
+storage reachable for longer than the grace period plus one backoff step, the time a live worker
+needs to beat again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import optuna
+from optuna.trial import TrialState
+from sqlalchemy import exc
+from sqlalchemy.engine import make_url
+
+from hpo.protocol import Attr
+
+OUTAGE_S = 300  # default window: how long the storage may stay unreachable
+BACKOFF_S, BACKOFF_CAP_S = 0.5, 8.0
+NOTE_EVERY_S = 5.0
+T = TypeVar("T")
+OnOutage = Callable[[str], None]  # told "storage unreachable, retrying (12 s): <reason>"
+
+
+class StorageUnreachable(Exception):
+    """The storage stayed unreachable for longer than the outage window."""
+
+
+def transient(err: BaseException, backend: str) -> bool:
+    """A lost or refused connection, anywhere in the error's chain (Optuna wraps a failed commit
+    in StorageInternalError). For SQLite, whose file cannot go away, only a lock timeout."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        if isinstance(seen, (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)):
+            return backend != "sqlite" or "database is locked" in str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def reason_of(err: BaseException) -> str:
+    root = err
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    lines = str(root).strip().splitlines()
+    return lines[0] if lines else type(root).__name__
+
+
+class Outage:
+    """The retry loop shared by every operation of one storage: when it started failing, when it
+    was last reachable, whether the window was spent."""
+
+    def __init__(self, url: str, window_s: float, on_outage: OnOutage | None):
+        self.url, self.backend = url, make_url(url).get_backend_name()
+        self.window_s, self.on_outage = window_s, on_outage
+        self.reachable_since = float("-inf")  # after an outage: when this process saw it back
+        self.gave_up = False
+        self.local = threading.local()  # nested operations retry as one
+        self.last_note = float("-inf")
+
+    def call(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if getattr(self.local, "active", False):
+            return operation(*args, **kwargs)
+        self.local.active = True
+        try:
+            return self._retrying(operation, *args, **kwargs)
+        finally:
+            self.local.active = False
+
+    def _retrying(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        started, attempt = None, 0
+        while True:
+            if self.gave_up:
+                raise StorageUnreachable(f"storage unreachable for more than {self.window_s:.0f} s")
+            try:
+                result = operation(*args, **kwargs)
+            except Exception as err:
+                if not transient(err, self.backend):
+                    raise
+                now = time.monotonic()
+                started = now if started is None else started
+                if now - started > self.window_s:
+                    self.gave_up = True
+                    raise StorageUnreachable(
+                        f"storage unreachable for {now - started:.0f} s ({reason_of(err)})"
+                    ) from None
+                self._note(f"storage unreachable, retrying ({now - started:.0f} s): {reason_of(err)}", False)
+                time.sleep(min(BACKOFF_CAP_S, BACKOFF_S * 2**attempt) * random.uniform(0.5, 1.0))
+                attempt += 1
+                continue
+            if started is not None:
+                self.reachable_since = time.monotonic()
+                self._note(f"storage reachable again after {self.reachable_since - started:.0f} s", True)
+            return result
+
+    def _note(self, message: str, always: bool) -> None:
+        now = time.monotonic()
+        if self.on_outage is not None and (always or now - self.last_note >= NOTE_EVERY_S):
+            self.last_note = now
+            self.on_outage(message)
+
+
+# Every RDBStorage operation that reaches the database, including the private ones through which
+# Optuna's cache (_CachedStorage) calls it.
+OPERATIONS = (
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_all_studies",
+    "_create_new_trial",
+    "_set_trial_param",
+    "get_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "_get_trials",
+    "_get_best_trial_id",
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+)
+
+
+class ResilientStorage(optuna.storages.RDBStorage):
+    """An RDBStorage whose operations wait out outages (see the module docstring)."""
+
+    def __init__(self, url: str, window_s: float, on_outage: OnOutage | None, **kwargs: Any):
+        self.outage = Outage(url, window_s, on_outage)
+        super().__init__(url, **kwargs)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        try:
+            return super().set_trial_state_values(trial_id, state, values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            stored = self.get_trial(trial_id)  # our own earlier attempt may have committed it
+            if stored.state == state and (values is None or list(stored.values or []) == list(values)):
+                return True
+            raise
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Stale trials, each given its fail_reason while still RUNNING (a failed trial's
+        attributes can no longer change); none right after an outage."""
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        if time.monotonic() - self.outage.reachable_since < grace + BACKOFF_CAP_S:
+            return []
+        stale = super()._get_stale_trial_ids(study_id)
+        for trial_id in stale:
+            trial = super().get_trial(trial_id)
+            who = trial.user_attrs.get(Attr.WORKER, "?")
+            epoch = max(trial.intermediate_values, default=0)
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # it just finished
+                super().set_trial_user_attr(
+                    trial_id, Attr.FAIL_REASON, f"worker {who} stopped answering at epoch {epoch}"
+                )
+        return stale
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    plain = getattr(ResilientStorage, name)
+
+    @functools.wraps(plain)
+    def operation(self: ResilientStorage, *args: Any, **kwargs: Any) -> Any:
+        return self.outage.call(plain, self, *args, **kwargs)
+
+    return operation
+
+
+for _name in OPERATIONS:
+    setattr(ResilientStorage, _name, _retried(_name))
+
+
+def waiting(make: Callable[[], T], url: str, window_s: float, on_outage: OnOutage | None) -> T:
+    """`make()` (connecting to the storage) retried across an outage like any operation."""
+    return Outage(url, window_s, on_outage).call(make)
