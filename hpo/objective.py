@@ -13,6 +13,7 @@ import json
 import resource
 import socket
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def make_objective(
 
         saved = checkpoint.load(device) if checkpoint is not None else None
         if saved is not None:
-            trial.set_user_attr(Attr.RESUMED_AT, saved["course"]["epoch"])
+            resume(trial, saved["course"])
         out_of_memory = None
         try:
             result = fit(cfg, data, device, on_epoch, checkpoint=checkpoint)
@@ -171,6 +172,16 @@ def make_objective(
         return validated(result.best_val_macro_f1)
 
     return objective
+
+
+def resume(trial: optuna.Trial, course: dict) -> None:
+    """A retried trial continues after its checkpoint's epoch: it records that epoch and reports
+    every epoch the checkpoint holds. Optuna ignores (with a warning) the ones it inherited."""
+    trial.set_user_attr(Attr.RESUMED_AT, course["epoch"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The reported value is ignored", UserWarning)
+        for metrics in course["history"]:
+            trial.report(metrics["val_macro_f1"], metrics["epoch"])
 
 
 def _discard(checkpoint: CheckpointFile | None) -> None:

@@ -147,10 +147,14 @@ def prepare_data(spec: specs.StudySpec) -> None:
                 synth = spec.synth
                 generate(root, synth.people, synth.eval_people, synth.seed, (synth.size[0], synth.size[1]))
     found = read_layout(root, spec.base.data.corrections)
-    if found.problems:
-        raise DataError(found.problems)
     eval_paths = list(found.eval["path"]) if found.eval is not None else []
-    verify_decodable([*found.train["path"], *eval_paths], spec.base.data.cache_dir, sys.stderr.isatty())
+    try:
+        verify_decodable([*found.train["path"], *eval_paths], spec.base.data.cache_dir, sys.stderr.isatty())
+        undecodable = []
+    except DataError as err:
+        undecodable = err.problems
+    if found.problems or undecodable:  # every problem at once: layout and photos
+        raise DataError(found.problems + undecodable)
 
 
 def check_weights(spec: specs.StudySpec) -> None:

@@ -41,7 +41,7 @@ from maskcls.optim import Schedule, build_optimizer, build_schedule
 from maskcls.rundir import write_json, write_model_dir
 from maskcls.runtime import configure_cpu
 
-DIVERGED_FACTOR = 100  # a loss this many times its first steps' mean has diverged, finite or not
+DIVERGED_FACTOR = 100  # a loss this many times its first step's has diverged, finite or not
 
 
 class Diverged(RuntimeError):
@@ -302,7 +302,7 @@ class Course:
     epoch: int = 0
     history: list[EpochMetrics] = field(default_factory=list)
     best: Best = field(default_factory=Best)
-    first_loss: float | None = None  # mean loss of the first steps; the divergence bound's base
+    first_loss: float | None = None  # the loss of the first step, before any update: the bound's base
     train_seconds: float = 0.0
 
     def check_loss(self, mean: float, epoch: int, step: int) -> None:
@@ -399,8 +399,8 @@ def fit(
                 p.scaler.update()
                 p.optimizer.zero_grad(set_to_none=True)
                 p.schedule.step()
-            # Read the loss every 20 steps only: each read makes the host wait for the device.
-            if step % 20 == 0 or step == p.n_batches:
+            # Read the loss every 20 steps only (and at the first): a read makes the host wait.
+            if step % 20 == 0 or step == p.n_batches or c.first_loss is None:
                 mean_loss = loss_sum.item() / step
                 c.check_loss(mean_loss, epoch, step)
                 if progress:
@@ -418,12 +418,12 @@ def fit(
         c.epoch = epoch
         if progress:
             tqdm.write(str(metrics))
+        # Checkpoint: a run interrupted from here on continues after this epoch.
+        if checkpoint is not None:
+            checkpoint.save(snapshot(p, c))
         # Report the epoch: the search stops a hopeless run by raising here.
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        # Checkpoint: a run that is interrupted from here on continues after this epoch.
-        if checkpoint is not None:
-            checkpoint.save(snapshot(p, c))
         # Stop early once validation macro-F1 has not improved for `patience` epochs.
         patience = cfg.train.patience
         if patience and len(val_labels) and epoch - c.best.epoch >= patience:

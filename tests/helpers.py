@@ -73,7 +73,7 @@ def load(storage, name="t"):
     return optuna.load_study(study_name=name, storage=open_storage(storage))
 
 
-def wait_for_running_trial(storage, name="t", min_epoch=1, timeout=120):
+def wait_for_running_trial(storage, name="t", min_epoch=1, timeout=120, poll_s=0.3):
     """The first RUNNING trial that has reported at least `min_epoch` epochs."""
     end = time.time() + timeout
     while time.time() < end:
@@ -84,7 +84,7 @@ def wait_for_running_trial(storage, name="t", min_epoch=1, timeout=120):
         for trial in running:
             if len(trial.intermediate_values) >= min_epoch and "worker" in trial.user_attrs:
                 return trial
-        time.sleep(0.3)
+        time.sleep(poll_s)
     raise AssertionError("no trial reached the expected epoch in time")
 
 
@@ -147,3 +147,23 @@ def dashboard_server(spec, storage, artifacts, cwd, plain=False):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def command_lines(containing: str) -> dict[int, str]:
+    """pid -> command line of every live process whose command line holds `containing`."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                line = file.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # it ended meanwhile
+            continue
+        if containing in line:
+            found[int(entry)] = line
+    return found
+
+
+def workers_of(spec) -> dict[int, str]:
+    return {pid: line for pid, line in command_lines(str(spec)).items() if "hpo.worker" in line}

@@ -2,14 +2,27 @@
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
 import urllib.request
 import uuid
 
 import optuna
 import pytest
 import yaml
-from helpers import dashboard_server, finish, hpo_run, load, wait_for_running_trial, write_spec
+from helpers import (
+    command_lines,
+    dashboard_server,
+    finish,
+    hpo_run,
+    load,
+    wait_for_running_trial,
+    workers_of,
+    write_spec,
+)
 
 from hpo.storage import counts, open_storage
 from maskcls.cli import run_main
@@ -106,8 +119,12 @@ def test_sigkill_of_the_whole_run_is_recovered_by_the_heartbeat(small_root, tmp_
     code, out, err = finish(hpo_run(spec, storage, "--workers", "2", cwd=tmp_path))
     assert code == 0, err
     study = load(storage)
-    assert study.trials[victim.number].state == optuna.trial.TrialState.FAIL
-    assert any(t.system_attrs.get("failed_trial") == victim.number for t in study.trials)
+    stale = study.trials[victim.number]
+    assert stale.state == optuna.trial.TrialState.FAIL
+    who = victim.user_attrs["worker"]
+    assert stale.user_attrs["fail_reason"].startswith(f"worker {who} stopped answering")
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number)
+    assert retry.user_attrs["retried_from"] == victim.number and "fail_reason" not in retry.user_attrs
     now = counts(study)
     assert now["finished"] == 3 and now["running"] == 0
 
@@ -139,6 +156,11 @@ def test_ctrl_c_leaves_no_trial_running(small_root, tmp_path):
     assert counts(study)["running"] == 0
     assert study.trials[victim.number].state == optuna.trial.TrialState.FAIL
     assert "interrupted" in study.trials[victim.number].user_attrs["fail_reason"]
+    # queued again, so the next run continues it from its checkpoint instead of sampling anew
+    retries = [t for t in study.trials if t.user_attrs.get("retried_from") == victim.number]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.WAITING
+    assert retries[0].params == study.trials[victim.number].params
+    assert (tmp_path / "runs" / "t" / "checkpoints" / f"trial-{victim.number}.pt").is_file()
 
 
 def run_in_process(capsys, *argv):
@@ -257,3 +279,104 @@ def test_a_recipe_that_always_fails_stops_the_run_with_its_reasons(small_root, t
     assert code == 1 and "too many failed trials in a row" in err and "diverged: loss became" in err
     now = counts(load(storage))
     assert now["fail"] >= 5 and now["finished"] == 0 and now["running"] == 0
+
+
+def test_a_worker_killed_at_epoch_3_of_5_resumes_and_ends_as_if_never_killed(small_root, tmp_path):
+    recipe = {"train.epochs": 5, "optim.lr": 3e-3}  # the same trial in both runs
+    spec = write_spec(tmp_path, small_root, epochs=[5], n_trials=1, pruner={"name": "none"}, enqueue=[recipe])
+    killed_run, straight_run = tmp_path / "killed", tmp_path / "straight"
+    for folder in (killed_run, straight_run):
+        folder.mkdir()
+    storage = f"sqlite:///{killed_run / 'study.db'}"
+    run = hpo_run(spec, storage, "--workers", "1", cwd=killed_run)
+    victim = wait_for_running_trial(storage, min_epoch=3, poll_s=0.05)
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    code, out, err = finish(run)
+    assert code == 0, err
+    study = load(storage)
+    killed = study.trials[victim.number]
+    retried = study.trials[-1]
+    assert killed.state == optuna.trial.TrialState.FAIL
+    assert retried.user_attrs["retried_from"] == killed.number
+    resumed_at = retried.user_attrs["resumed_at_epoch"]
+    # it trained only the epochs after its last checkpoint (written just before each report)
+    assert 3 <= resumed_at <= min(len(killed.intermediate_values) + 1, 5)
+
+    reference = f"sqlite:///{straight_run / 'study.db'}"
+    code, out, err = finish(hpo_run(spec, reference, "--workers", "1", cwd=straight_run))
+    assert code == 0, err
+    straight = load(reference).trials[0]
+    assert straight.params == retried.params
+    assert retried.value == straight.value  # exactly: the CPU is deterministic
+    assert retried.intermediate_values == straight.intermediate_values
+    assert list((killed_run / "runs" / "t" / "checkpoints").glob("*.pt")) == []  # bounded disk use
+
+
+def test_a_worker_whose_dispatcher_dies_stops_within_seconds(small_root, tmp_path):
+    spec = write_spec(tmp_path, small_root, epochs=[30], n_trials=2, pruner={"name": "none"})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    run = hpo_run(spec, storage, "--workers", "2", cwd=tmp_path)
+    victim = wait_for_running_trial(storage, min_epoch=1)
+    assert len(workers_of(spec)) == 2
+    run.kill()  # the dispatcher alone; its workers are not signalled
+    run.communicate()
+    end = time.time() + 15
+    while workers_of(spec) and time.time() < end:
+        time.sleep(0.2)
+    assert workers_of(spec) == {}
+    study = load(storage)
+    assert counts(study)["running"] == 0
+    assert study.trials[victim.number].user_attrs["fail_reason"].startswith("interrupted")
+    assert any(t.user_attrs.get("retried_from") == victim.number for t in study.trials)
+
+
+def test_eight_runs_started_together_on_a_new_sqlite_file_all_succeed(small_root, tmp_path):
+    spec = write_spec(tmp_path, small_root, n_trials=4)
+    storage = f"sqlite:///{tmp_path / 'new.db'}"
+    runs = [hpo_run(spec, storage, "--workers", "1", cwd=tmp_path) for _ in range(8)]
+    results = [finish(r) for r in runs]
+    assert [code for code, _, _ in results] == [0] * 8, [err for _, _, err in results]
+    study = load(storage)
+    assert counts(study)["finished"] == 4 and counts(study)["running"] == 0
+    recipes = yaml.safe_load(spec.read_text())["enqueue"]
+    for recipe in recipes:  # each queued once, not once per run
+        assert sum(t.params == recipe for t in study.trials) == 1, recipe
+
+
+def test_the_storage_password_never_shows_in_a_command_line_or_a_log(small_root, tmp_path):
+    name = f"pw-{uuid.uuid4().hex[:8]}"
+    secret = f"pw-{uuid.uuid4().hex[:12]}"
+    url = POSTGRES.replace("postgres@", f"postgres:{secret}@")  # trust auth accepts any password
+    spec = write_spec(tmp_path, small_root, name=name, epochs=[4], n_trials=2, pruner={"name": "none"})
+    command = [sys.executable, "-m", "hpo.run", "--study", str(spec), "--workers", "2", "--no-progress"]
+    env = {**os.environ, "HPO_STORAGE": url}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    run = subprocess.Popen(command, text=True, cwd=tmp_path, env=env, **pipes)
+    try:
+        wait_for_running_trial(POSTGRES, name, min_epoch=1)
+        seen = command_lines("hpo.")
+        assert len([line for line in seen.values() if "hpo.worker" in line]) == 2
+        assert not [line for line in seen.values() if secret in line]
+        code, out, err = finish(run)
+        assert code == 0, err
+        logs = "".join(p.read_text() for p in (tmp_path / "runs").rglob("*.log"))
+        assert secret not in out + err + logs and "postgres:***@" in err
+    finally:
+        optuna.delete_study(study_name=name, storage=open_storage(POSTGRES))
+
+
+def test_an_undecodable_photo_stops_the_run_before_any_trial(tiny_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    photos = sorted((root / "train" / "images").glob("*/mask1.*"))
+    photos[0].write_bytes(photos[0].read_bytes()[:200])  # truncated
+    photos[1].write_bytes(b"")  # empty
+    spec = write_spec(tmp_path, root)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    code, out, err = finish(hpo_run(spec, storage, cwd=tmp_path))
+    assert code == 2 and "Traceback" not in err
+    assert f"{photos[0]}: not a decodable image" in err and f"{photos[1]}: empty file" in err
+    assert optuna.get_all_study_names(open_storage(storage)) == []  # no trial, no study
+    check = [sys.executable, "-m", "maskcls.data.check", str(root), "--no-decode"]
+    layout_only = subprocess.run(check, capture_output=True, text=True)
+    assert layout_only.returncode == 2 and f"problem: {photos[1]}: empty file (0 bytes)" in layout_only.stdout

@@ -46,6 +46,7 @@ def undecodable(paths: Iterable[str], workers: int = 4, progress: bool = True) -
 def verify_decodable(paths: Sequence[str], cache_dir: str | Path, progress: bool = True) -> None:
     """DataError naming every image that does not decode; checked once per set of files (a marker
     in the cache folder keyed by their names, sizes and times), so a re-run pays only the stats."""
+    paths = [p for p in paths if os.path.isfile(p) and os.path.getsize(p)]  # the layout names the rest
     marker = Path(cache_dir) / f"decodable-{cache.fingerprint(paths, (0, 0), 1.0)}"
     if marker.exists():
         return

@@ -163,12 +163,13 @@ def _read_train(train_dir: Path, problems: list[str]) -> pd.DataFrame | None:
 def _person_images(folder: Path, problems: list[str]) -> dict[str, Path]:
     """The seven photos of a person by stem; reports missing, duplicated and unexpected files."""
     by_stem: dict[str, list[Path]] = {}
+    empty_files = set()
     for path in _visible(folder):
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.stem in MASK_STEMS:
+            by_stem.setdefault(path.stem, []).append(path)
             if path.stat().st_size == 0:
                 problems.append(f"{path}: empty file (0 bytes)")
-                continue
-            by_stem.setdefault(path.stem, []).append(path)
+                empty_files.add(path)
         else:
             problems.append(
                 f"{path}: unexpected file (expected {sorted(MASK_STEMS)} with one of {list(IMAGE_SUFFIXES)})"
@@ -181,7 +182,8 @@ def _person_images(folder: Path, problems: list[str]) -> dict[str, Path]:
             problems.append(
                 f"{folder}: image {stem!r} appears {len(found)} times ({', '.join(p.name for p in found)})"
             )
-    return {stem: paths[0] for stem, paths in sorted(by_stem.items()) if len(paths) == 1}
+    usable = {s: paths for s, paths in by_stem.items() if len(paths) == 1 and paths[0] not in empty_files}
+    return {stem: paths[0] for stem, paths in sorted(usable.items())}
 
 
 def _read_eval(eval_dir: Path, problems: list[str]) -> pd.DataFrame | None:

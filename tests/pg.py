@@ -1,0 +1,74 @@
+"""A PostgreSQL server of a test's own: initdb into a temporary folder, a free loopback port, so
+the test can restart it or stop it for a while without touching the machine's own server."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    if found is None:
+        raise RuntimeError(f"{name} not found: PostgreSQL's server binaries are needed")
+    return found
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root; CI runs as root."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@dataclass
+class Server:
+    folder: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def ctl(self, *args: str) -> None:
+        command = [_binary("pg_ctl"), "-D", str(self.folder / "data"), "-l", str(self.folder / "log"), "-w"]
+        subprocess.run(_as_postgres([*command, *args]), check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c max_connections=50"
+        self.ctl("-o", options, "start")
+
+    def stop(self) -> None:
+        self.ctl("-m", "fast", "stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@contextlib.contextmanager
+def private_server() -> Iterator[Server]:
+    folder = Path(tempfile.mkdtemp(prefix="hpo-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    init = [_binary("initdb"), "-D", str(folder / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
+    subprocess.run(_as_postgres(init), check=True, capture_output=True, timeout=120)
+    server = Server(folder, port)
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            server.ctl("-m", "immediate", "stop")
+        time.sleep(0.2)
+        shutil.rmtree(folder, ignore_errors=True)

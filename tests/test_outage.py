@@ -1,0 +1,94 @@
+"""Storage outages are weather: a study on a PostgreSQL server of the test's own survives a
+restart and a 20 s stop mid-trial with no re-run, and past its outage window the run stops with
+one line, leaving nothing behind."""
+
+import time
+
+import optuna
+import pytest
+from helpers import finish, hpo_run, load, wait_for_running_trial, workers_of, write_spec
+from pg import private_server
+
+from hpo.storage import counts
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server():
+    with private_server() as server:
+        yield server
+
+
+def long_trials(tmp_path, root, name, **heartbeat):
+    """4 trials of 6 epochs, none pruned: the outage lands in the middle of training."""
+    return write_spec(
+        tmp_path,
+        root,
+        name=name,
+        epochs=[6],
+        n_trials=4,
+        pruner={"name": "none"},
+        heartbeat={"interval": 1, "grace": 4, "max_retry": 2, **heartbeat},
+    )
+
+
+def refused(tmp_path) -> list[str]:
+    """Lines of the worker logs where a finished trial's result was refused."""
+    logs = "\n".join(p.read_text() for p in (tmp_path / "runs").rglob("*.log"))
+    return [line for line in logs.splitlines() if "UpdateFinishedTrialError" in line or "Traceback" in line]
+
+
+def assert_survived(tmp_path, spec, server, name, code, err):
+    assert code == 0, err
+    study = load(server.url, name)
+    now = counts(study)
+    assert now["finished"] == 4 and now["running"] == 0 and now["fail"] == 0, now
+    assert "Traceback" not in err and refused(tmp_path) == []
+    assert workers_of(spec) == {}  # no orphan
+
+
+def test_a_server_restart_mid_trial_costs_nothing(server, small_root, tmp_path):
+    spec = long_trials(tmp_path, small_root, "restart")
+    run = hpo_run(spec, server.url, "--workers", "2", cwd=tmp_path)
+    wait_for_running_trial(server.url, "restart", min_epoch=1)
+    server.restart()
+    code, out, err = finish(run)
+    assert_survived(tmp_path, spec, server, "restart", code, err)
+
+
+def test_a_20_s_stop_mid_trial_is_waited_out(server, small_root, tmp_path):
+    spec = long_trials(tmp_path, small_root, "stop20")
+    run = hpo_run(spec, server.url, "--workers", "2", cwd=tmp_path)
+    wait_for_running_trial(server.url, "stop20", min_epoch=1)
+    server.stop()
+    time.sleep(20)
+    server.start()
+    code, out, err = finish(run)
+    assert "storage unreachable, retrying" in err and "storage reachable again" in err
+    assert_survived(tmp_path, spec, server, "stop20", code, err)
+
+
+def test_past_the_outage_window_the_run_stops_with_one_line_and_resumes_later(server, small_root, tmp_path):
+    spec = long_trials(tmp_path, small_root, "gone", outage=6)
+    run = hpo_run(spec, server.url, "--workers", "2", cwd=tmp_path)
+    victim = wait_for_running_trial(server.url, "gone", min_epoch=2)
+    server.stop()
+    try:
+        code, out, err = finish(run, timeout=120)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1 and "unreachable" in errors[0], err
+        assert "postgres@127.0.0.1" in errors[0] and "Traceback" not in err
+        assert workers_of(spec) == {}  # every worker stopped
+    finally:
+        server.start()
+    code, out, err = finish(hpo_run(spec, server.url, "--workers", "2", cwd=tmp_path))
+    assert code == 0, err
+    study = load(server.url, "gone")
+    now = counts(study)
+    assert now["finished"] == 4 and now["running"] == 0
+    stale = study.trials[victim.number]
+    assert stale.state == optuna.trial.TrialState.FAIL
+    assert "stopped answering at epoch" in stale.user_attrs["fail_reason"]
+    retry = next(t for t in study.trials if t.user_attrs.get("retried_from") == victim.number)
+    assert retry.user_attrs["resumed_at_epoch"] >= 2 and "fail_reason" not in retry.user_attrs

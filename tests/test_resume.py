@@ -1,0 +1,94 @@
+"""A fit interrupted after any epoch continues from its checkpoint exactly as if it had never
+stopped (CPU: bit for bit), and a loss that explodes stops the run with its reason."""
+
+import math
+
+import pytest
+import torch
+
+from maskcls.checkpoint import CheckpointFile
+from maskcls.train import Course, Diverged, fit, load_data
+
+# Every random stream a fit draws from: sample order (oversampling), device augmentation,
+# CutMix/Mixup decisions, dropout; and every stateful part: AdamW, a warm-up + plateau schedule.
+RECIPE = {
+    "train.epochs": 4,
+    "optim.name": "adamw",
+    "sampler.name": "oversample",
+    "augment.policy": "medium",
+    "augment.cutmix_p": 0.5,
+    "augment.mixup_p": 0.3,
+    "model.dropout": 0.3,
+    "schedule.name": "plateau",
+    "schedule.warmup_epochs": 1,
+    "schedule.patience": 0,
+}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def stop_after(epoch_to_stop):
+    def on_epoch(epoch, metrics):
+        if epoch == epoch_to_stop:
+            raise Interrupted  # as a kill would, once the checkpoint of this epoch is written
+
+    return on_epoch
+
+
+@pytest.mark.parametrize("stopped_at", [1, 2, 4])
+def test_a_resumed_fit_ends_exactly_where_an_uninterrupted_one_does(tiny_cfg, tmp_path, stopped_at):
+    torch.set_num_threads(1)
+    cfg = tiny_cfg.override(RECIPE)
+    data = load_data(cfg, progress=False)
+    straight = fit(cfg, data, "cpu")
+
+    first = CheckpointFile(tmp_path / "trial-0.pt")
+    with pytest.raises(Interrupted):
+        fit(cfg, data, "cpu", on_epoch=stop_after(stopped_at), checkpoint=first)
+    assert torch.load(first.path, weights_only=True)["course"]["epoch"] == stopped_at
+
+    retry = CheckpointFile(tmp_path / "trial-1.pt", resume_from=first.path)
+    trained = []
+    resumed = fit(cfg, data, "cpu", on_epoch=lambda e, m: trained.append(e), checkpoint=retry)
+    assert trained == list(range(stopped_at + 1, cfg.train.epochs + 1))  # only the epochs left
+    assert [h.val_macro_f1 for h in resumed.history] == [h.val_macro_f1 for h in straight.history]
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in straight.history]
+    assert resumed.best_epoch == straight.best_epoch
+    assert (resumed.val_probs == straight.val_probs).all()
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    if trained:  # the retry's own file replaced its predecessor's: one file per chain of retries
+        assert not first.path.exists() and retry.path.exists()
+    retry.discard()
+    assert not retry.path.exists() and not first.path.exists()
+
+
+def test_a_checkpoint_loads_with_weights_only(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.override({"train.epochs": 1})
+    checkpoint = CheckpointFile(tmp_path / "c.pt")
+    fit(cfg, load_data(cfg, progress=False), "cpu", checkpoint=checkpoint)
+    state = torch.load(checkpoint.path, weights_only=True)
+    assert set(state) == {"course", "model", "optimizer", "schedule", "scaler", "rng"}
+
+
+def test_an_exploding_loss_fails_even_while_finite():
+    course = Course()
+    course.check_loss(2.9, epoch=1, step=20)
+    course.check_loss(250.0, epoch=1, step=40)  # 86x: bad, not yet diverged
+    exploded = r"loss became 9e\+12 at epoch 2, step 20, over 100x its start \(2.9\)"
+    with pytest.raises(Diverged, match=exploded):
+        course.check_loss(9e12, epoch=2, step=20)
+    with pytest.raises(Diverged, match=r"loss became nan at epoch 1, step 20; lower optim.lr"):
+        Course().check_loss(math.nan, epoch=1, step=20)
+
+
+def test_adamw_at_a_huge_rate_with_clipping_stops_as_diverged(tiny_cfg):
+    """The issue's case: clipping keeps the loss finite (9e12) while the run learns nothing."""
+    cfg = tiny_cfg.override(
+        {"train.epochs": 3, "optim.name": "adamw", "optim.lr": 1e4, "train.clip_grad": 1.0}
+    )
+    cfg = cfg.override({"schedule.warmup_epochs": 0})
+    with pytest.raises(Diverged, match="loss became"):
+        fit(cfg, load_data(cfg, progress=False), "cpu")
