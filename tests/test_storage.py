@@ -137,3 +137,44 @@ def test_a_waiting_trial_is_claimed_by_one_worker_only(backend, tmp_path):
         assert sorted(numbers) == list(range(8)), numbers  # 4 claimed once each, 4 new
     finally:
         optuna.delete_study(study_name=name, storage=open_storage(url))
+
+
+def _set_up_together(url, spec_path, barrier, results):
+    from hpo import spec as specs
+    from hpo.run import open_study
+
+    spec = specs.load(spec_path)
+    storage = open_storage(url)
+    barrier.wait()
+    try:
+        open_study(spec, storage)
+        results.put("ok")
+    except Exception as err:  # reported to the test, which shows it
+        results.put(f"{type(err).__name__}: {err}")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_runs_setting_up_one_study_together_create_it_once_and_queue_its_recipes_once(backend, tmp_path):
+    """Optuna's enqueue_trial(skip_if_exists=True) checks, then inserts: without the setup lock,
+    runs starting together queue every recipe several times."""
+    import multiprocessing
+
+    from helpers import write_spec
+
+    name = f"setup-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path, tmp_path / "data", name=name)
+    url = f"sqlite:///{tmp_path / 'setup.db'}" if backend == "sqlite" else POSTGRES
+    open_storage(url)  # the tables exist; their creation race is tested above
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_set_up_together, args=(url, str(spec), barrier, results)) for _ in range(8)]
+    try:
+        for p in procs:
+            p.start()
+        assert [results.get(timeout=120) for _ in procs] == ["ok"] * 8
+        for p in procs:
+            p.join(timeout=30)
+        study = optuna.load_study(study_name=name, storage=open_storage(url))
+        assert counts(study)["waiting"] == 2  # the spec's two recipes, once each
+    finally:
+        optuna.delete_study(study_name=name, storage=open_storage(url))
