@@ -85,7 +85,9 @@ def hold_gpu_memory(trial: optuna.Trial, cfg: TrainConfig, n_images: int, device
         waited = memory.reserve(need.total, device, MEMORY_WAIT_S)
     except memory.NoRoom as err:
         if err.waited:  # the trials beside it kept the memory; the recipe may well fit later
-            trial.study.enqueue_trial(trial.params)
+            retried_from = trial.user_attrs.get(Attr.RETRIED_FROM)  # a retry's checkpoint stays its own
+            user_attrs = {Attr.RETRIED_FROM: retried_from} if retried_from is not None else None
+            trial.study.enqueue_trial(trial.params, user_attrs=user_attrs)
             raise fail(trial, f"{WAITED}: {err}; its parameters are queued again") from None
         raise fail(
             trial, f"does not fit on {torch.cuda.get_device_name(device)}: {err}; need {need}"
@@ -101,6 +103,12 @@ def checkpoint_of(trial: optuna.Trial, folder: Path | None) -> CheckpointFile | 
     retried_from = trial.user_attrs.get(Attr.RETRIED_FROM)
     previous = folder / f"trial-{retried_from}.pt" if retried_from is not None else None
     return CheckpointFile(folder / f"trial-{trial.number}.pt", previous)
+
+
+def recipe_key(cfg: TrainConfig, device: torch.device) -> str:
+    """What a checkpoint must belong to: the same recipe on the same kind of device (random
+    streams differ between a CPU and a GPU)."""
+    return json.dumps({"recipe": cfg.to_dict(), "device_type": device.type}, sort_keys=True)
 
 
 def make_objective(
@@ -119,8 +127,9 @@ def make_objective(
             raise
         except StorageUnreachable:
             raise
-        except (optuna.TrialPruned, TrialFailed):
-            _discard(checkpoint)
+        except (optuna.TrialPruned, TrialFailed) as err:
+            if not str(err).startswith(WAITED):  # one that waited for memory runs again, resuming
+                _discard(checkpoint)
             raise
         except Exception as err:
             trial.set_user_attr(Attr.FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
@@ -149,9 +158,11 @@ def make_objective(
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}: val macro-F1 {score:.4f}")
 
-        saved = checkpoint.load(device) if checkpoint is not None else None
-        if saved is not None:
-            resume(trial, saved["course"])
+        if checkpoint is not None:
+            checkpoint.key = recipe_key(cfg, device)
+            saved = checkpoint.peek()
+            if saved is not None:
+                resume(trial, saved["course"])
         out_of_memory = None
         try:
             result = fit(cfg, data, device, on_epoch, checkpoint=checkpoint)
@@ -175,13 +186,19 @@ def make_objective(
 
 
 def resume(trial: optuna.Trial, course: dict) -> None:
-    """A retried trial continues after its checkpoint's epoch: it records that epoch and reports
-    every epoch the checkpoint holds. Optuna ignores (with a warning) the ones it inherited."""
+    """A retried trial continues after its checkpoint's epoch: it records that epoch, reports every
+    epoch the checkpoint holds (Optuna ignores, with a warning, the ones it inherited) and is
+    pruned if the pruner says so, as it would have been at that epoch."""
     trial.set_user_attr(Attr.RESUMED_AT, course["epoch"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The reported value is ignored", UserWarning)
         for metrics in course["history"]:
             trial.report(metrics["val_macro_f1"], metrics["epoch"])
+    if course["history"] and trial.should_prune():
+        last = course["history"][-1]
+        raise optuna.TrialPruned(
+            f"pruned after epoch {last['epoch']}: val macro-F1 {last['val_macro_f1']:.4f}"
+        )
 
 
 def _discard(checkpoint: CheckpointFile | None) -> None:

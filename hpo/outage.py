@@ -21,6 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import optuna
@@ -63,31 +64,40 @@ def reason_of(err: BaseException) -> str:
 
 
 class Outage:
-    """The retry loop shared by every operation of one storage: when it started failing, when it
-    was last reachable, whether the window was spent."""
+    """The retry loop shared by every operation of one storage (connecting included): when it
+    started failing, when it was last reachable, whether the window was spent."""
 
     def __init__(self, url: str, window_s: float, on_outage: OnOutage | None):
-        self.url, self.backend = url, make_url(url).get_backend_name()
+        self.backend = make_url(url).get_backend_name()
         self.window_s, self.on_outage = window_s, on_outage
         self.reachable_since = float("-inf")  # after an outage: when this process saw it back
         self.gave_up = False
-        self.local = threading.local()  # nested operations retry as one
+        self.local = threading.local()  # per thread: inside an operation, and its attempt number
         self.last_note = float("-inf")
 
+    def limit(self, seconds: float) -> None:
+        """Wait out outages no longer than `seconds` from now on (a process that is stopping)."""
+        self.window_s = min(self.window_s, seconds)
+
+    def retried(self) -> bool:
+        """Whether the operation this thread is in has already failed once and been tried again."""
+        return getattr(self.local, "attempt", 0) > 0
+
     def call(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if getattr(self.local, "active", False):
+        if getattr(self.local, "active", False):  # nested operations retry as one
             return operation(*args, **kwargs)
         self.local.active = True
         try:
             return self._retrying(operation, *args, **kwargs)
         finally:
-            self.local.active = False
+            self.local.active, self.local.attempt = False, 0
 
     def _retrying(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         started, attempt = None, 0
         while True:
             if self.gave_up:
                 raise StorageUnreachable(f"storage unreachable for more than {self.window_s:.0f} s")
+            self.local.attempt = attempt
             try:
                 result = operation(*args, **kwargs)
             except Exception as err:
@@ -142,7 +152,6 @@ OPERATIONS = (
     "get_trial",
     "_get_trials",
     "_get_best_trial_id",
-    "record_heartbeat",
     "_get_stale_trial_ids",
 )
 
@@ -150,35 +159,49 @@ OPERATIONS = (
 class ResilientStorage(optuna.storages.RDBStorage):
     """An RDBStorage whose operations wait out outages (see the module docstring)."""
 
-    def __init__(self, url: str, window_s: float, on_outage: OnOutage | None, **kwargs: Any):
-        self.outage = Outage(url, window_s, on_outage)
+    def __init__(self, url: str, outage: Outage, **kwargs: Any):
+        self.outage = outage
         super().__init__(url, **kwargs)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         try:
             return super().set_trial_state_values(trial_id, state, values)
         except optuna.exceptions.UpdateFinishedTrialError:
-            stored = self.get_trial(trial_id)  # our own earlier attempt may have committed it
+            if not self.outage.retried():  # another process finished it: Optuna's guard stands
+                raise
+            stored = self.get_trial(trial_id)  # our own first attempt may have committed it
             if stored.state == state and (values is None or list(stored.values or []) == list(values)):
                 return True
             raise
 
+    def record_heartbeat(self, trial_id: int) -> None:
+        """Optuna's heartbeat thread waits out an outage like any operation; past the window it
+        stays quiet (the process is stopping) instead of dying with a traceback."""
+        with contextlib.suppress(StorageUnreachable):
+            self.outage.call(super().record_heartbeat, trial_id)
+
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        """Stale trials, each given its fail_reason while still RUNNING (a failed trial's
-        attributes can no longer change); none right after an outage."""
+        """Trials nobody runs, each given its fail_reason while still RUNNING (a failed trial's
+        attributes can no longer change): those whose heartbeat stopped, and those that never got
+        a worker (a start whose confirmation was lost with the connection: no heartbeat either).
+        None right after an outage, when every heartbeat is old."""
         grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
         if time.monotonic() - self.outage.reachable_since < grace + BACKOFF_CAP_S:
             return []
-        stale = super()._get_stale_trial_ids(study_id)
-        for trial_id in stale:
+        reasons = {}
+        for trial_id in super()._get_stale_trial_ids(study_id):
             trial = super().get_trial(trial_id)
-            who = trial.user_attrs.get(Attr.WORKER, "?")
             epoch = max(trial.intermediate_values, default=0)
+            who = trial.user_attrs.get(Attr.WORKER, "?")
+            reasons[trial_id] = f"worker {who} stopped answering at epoch {epoch}"
+        long_ago = datetime.now() - timedelta(seconds=grace + BACKOFF_CAP_S)
+        for trial in super().get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            if Attr.WORKER not in trial.user_attrs and (trial.datetime_start or long_ago) < long_ago:
+                reasons[trial._trial_id] = "no worker took it up (its start was lost with a connection)"
+        for trial_id, reason in reasons.items():
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # it just finished
-                super().set_trial_user_attr(
-                    trial_id, Attr.FAIL_REASON, f"worker {who} stopped answering at epoch {epoch}"
-                )
-        return stale
+                super().set_trial_user_attr(trial_id, Attr.FAIL_REASON, reason)
+        return list(reasons)
 
 
 def _retried(name: str) -> Callable[..., Any]:
@@ -193,8 +216,3 @@ def _retried(name: str) -> Callable[..., Any]:
 
 for _name in OPERATIONS:
     setattr(ResilientStorage, _name, _retried(_name))
-
-
-def waiting(make: Callable[[], T], url: str, window_s: float, on_outage: OnOutage | None) -> T:
-    """`make()` (connecting to the storage) retried across an outage like any operation."""
-    return Outage(url, window_s, on_outage).call(make)

@@ -79,9 +79,10 @@ def artifacts_dir(given: str | None, runs_dir: Path) -> Path:
     return Path(given or os.environ.get("HPO_ARTIFACTS") or runs_dir / "artifacts")
 
 
-def checkpoints_dir(artifacts: Path) -> Path:
-    """Per-trial checkpoints live beside the artifacts, on the filesystem every worker shares."""
-    return artifacts.parent / "checkpoints"
+def checkpoints_dir(artifacts: Path, study: str) -> Path:
+    """A study's per-trial checkpoints live beside the artifacts, on the filesystem every worker
+    shares; one folder per study, as several studies may share one artifacts folder."""
+    return artifacts.parent / "checkpoints" / study
 
 
 def export_dir(given: str | None, runs_dir: Path) -> Path:

@@ -27,7 +27,7 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from hpo import spec as specs
-from hpo.outage import StorageUnreachable
+from hpo.outage import ResilientStorage, StorageUnreachable
 from hpo.progress import Progress, SlotStatus, summary
 from hpo.protocol import (
     INTERRUPTED,
@@ -46,6 +46,7 @@ from maskcls.errors import UserError
 
 MAX_RESTARTS_PER_SLOT = 5
 STOP_GRACE_S = 30  # after Ctrl-C/SIGTERM, workers get this long to mark their trials failed
+STALE_TMP_S = 3600  # a checkpoint being written is never this old
 
 
 @dataclass
@@ -311,7 +312,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def open_study(spec: specs.StudySpec, storage: optuna.storages.RDBStorage) -> optuna.Study:
+def open_study(spec: specs.StudySpec, storage: ResilientStorage) -> optuna.Study:
     """Create the study, or load it when another machine or an earlier run made it; one run at a
     time, so that runs started together create it once and queue its recipes once."""
     with setup_lock(storage, spec.name):
@@ -332,13 +333,17 @@ def open_study(spec: specs.StudySpec, storage: optuna.storages.RDBStorage) -> op
 
 def sweep_checkpoints(study: optuna.Study, folder: Path) -> None:
     """Delete the checkpoints that no trial will continue from: a trial deletes its own when it
-    ends, but one that died with no retry left (max_retry) leaves its file behind."""
+    ends, but one that died with no retry left (max_retry) leaves its file behind, and a worker
+    killed while writing one leaves a temporary file."""
     trials = study.get_trials(deepcopy=False)
     alive = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
     wanted = {f"trial-{t.number}" for t in trials if t.state == optuna.trial.TrialState.RUNNING}
     wanted |= {f"trial-{t.user_attrs.get(Attr.RETRIED_FROM)}" for t in trials if t.state in alive}
     for path in folder.glob("trial-*.pt"):
         if path.stem not in wanted:
+            path.unlink(missing_ok=True)
+    for path in folder.glob(".trial-*.tmp"):
+        if time.time() - path.stat().st_mtime > STALE_TMP_S:
             path.unlink(missing_ok=True)
 
 
@@ -357,6 +362,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     storage = open_storage(url, spec.heartbeat, on_outage=outage_note)
     prepare_data(spec)  # a data or weights problem stops here, before anything is written to the storage
     check_weights(spec)
+    try:
+        return search(args, spec, target, slots, url, storage)
+    except StorageUnreachable as err:
+        print(
+            f"error: storage {masked(url)} unreachable ({err}); every worker is stopped. Their running "
+            "trials are failed and queued again by the heartbeat once it is back: re-run the same command",
+            file=sys.stderr,
+        )
+        return Exit.FAILED
+
+
+def search(
+    args: argparse.Namespace,
+    spec: specs.StudySpec,
+    target: int,
+    slots: list[Slot],
+    url: str,
+    storage: ResilientStorage,
+) -> int:
+    """Set the study up, then supervise the workers until it holds its target."""
     study = open_study(spec, storage)
     artifacts = artifacts_dir(args.artifacts, spec.runs_dir)
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -367,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     if before["finished"] >= target:
+        sweep_checkpoints(study, checkpoints_dir(artifacts, spec.name))
         print(summary(study, target, spec, url, artifacts))
         return Exit.OK
     deadline = time.time() + args.timeout if args.timeout else None
@@ -383,20 +409,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         code = dispatcher.run()
-    except StorageUnreachable as err:
+    except StorageUnreachable:
         dispatcher.stop("the storage is unreachable: stopping the workers")
-        print(
-            f"error: storage {masked(url)} unreachable ({err}); every worker is stopped. Their running "
-            "trials are failed and queued again by the heartbeat once it is back: re-run the same command",
-            file=sys.stderr,
-        )
-        return Exit.FAILED
+        raise
     except KeyboardInterrupt:
-        dispatcher.stop("interrupted: stopping the workers; running trials are marked failed")
+        storage.outage.limit(STOP_GRACE_S)  # stopping: an outage is waited out no longer than this
+        dispatcher.stop(
+            "interrupted: stopping the workers; running trials are marked failed and queued again"
+        )
         print(summary(study, target, spec, url, artifacts), file=sys.stderr)
         print("re-run the same command to continue the study", file=sys.stderr)
         return Exit.INTERRUPTED
-    sweep_checkpoints(study, checkpoints_dir(artifacts))
+    sweep_checkpoints(study, checkpoints_dir(artifacts, spec.name))
     print(summary(study, target, spec, url, artifacts))
     return code
 

@@ -30,7 +30,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from hpo.outage import OUTAGE_S, OnOutage, ResilientStorage, StorageUnreachable, waiting
+from hpo.outage import OUTAGE_S, OnOutage, Outage, ResilientStorage, StorageUnreachable
 from hpo.protocol import Attr, quiet_experimental
 from hpo.spec import Heartbeat, StudySpec
 from maskcls.errors import UserError
@@ -98,11 +98,12 @@ def open_storage(
                     ),
                 }
             kwargs = engine_kwargs(url, tuned)
+            outage = Outage(url, outage_s, on_outage)  # connecting and every operation share it
 
             def make() -> ResilientStorage:
-                return ResilientStorage(url, outage_s, on_outage, engine_kwargs=kwargs, **options)
+                return ResilientStorage(url, outage, engine_kwargs=kwargs, **options)
 
-            storage = _while_racing(lambda: waiting(make, url, outage_s, on_outage) if wait else make())
+            storage = _while_racing(lambda: outage.call(make) if wait else make())
             if database and tuned:
                 event.listen(storage.engine, "begin", _begin_immediate)
             return storage
@@ -162,7 +163,7 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int
 
 
 @contextlib.contextmanager
-def setup_lock(storage: optuna.storages.RDBStorage, name: str) -> Iterator[None]:
+def setup_lock(storage: ResilientStorage, name: str) -> Iterator[None]:
     """One process at a time sets a study up (create it, queue its recipes), across every machine
     sharing the storage: a lock file beside a SQLite database, an advisory lock on PostgreSQL and
     MySQL. Optuna's enqueue_trial(skip_if_exists=True) checks and then inserts, so two runs
@@ -170,7 +171,8 @@ def setup_lock(storage: optuna.storages.RDBStorage, name: str) -> Iterator[None]
     url = storage.engine.url
     backend = url.get_backend_name()
     if backend == "sqlite":
-        with FileLock(f"{url.database}.setup.lock"):
+        in_memory = url.database in (None, "", ":memory:")
+        with contextlib.nullcontext() if in_memory else FileLock(f"{url.database}.setup.lock"):
             yield
         return
     key = int.from_bytes(hashlib.sha256(f"hpo setup {name}".encode()).digest()[:7], "big")
@@ -178,13 +180,21 @@ def setup_lock(storage: optuna.storages.RDBStorage, name: str) -> Iterator[None]
         "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
         "mysql": ("SELECT GET_LOCK(:k, 600)", "SELECT RELEASE_LOCK(:k)"),
     }.get(backend, ("SELECT 1", "SELECT 1"))
-    with storage.engine.connect() as conn:
-        conn.execute(text(lock), {"k": key if backend == "postgresql" else str(key)})
-        try:
-            yield
-        finally:
-            conn.execute(text(unlock), {"k": key if backend == "postgresql" else str(key)})
-            conn.commit()
+    params = {"k": key if backend == "postgresql" else str(key)}
+    engine = storage.engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def locked() -> Connection:
+        conn = engine.connect()
+        conn.execute(text(lock), params)
+        return conn
+
+    conn = storage.outage.call(locked)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(SQLAlchemyError):  # a lost connection has dropped the lock already
+            conn.execute(text(unlock), params)
+        conn.close()
 
 
 def counts(study: optuna.Study) -> dict[str, int]:

@@ -8,6 +8,7 @@ Optuna's heartbeat thread, stale-trial recovery and FAIL-on-interrupt. The targe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from optuna.artifacts import FileSystemArtifactStore
 
 from hpo import spec as specs
 from hpo.objective import SURPLUS, WAITED, TrialFailed, make_objective
+from hpo.outage import StorageUnreachable
 from hpo.protocol import (
     INTERRUPTED,
     Attr,
@@ -91,12 +93,13 @@ def work(spec: specs.StudySpec, args: WorkerArgs, poll_s: float = 1.0) -> int:
         pruner=spec.make_pruner(),
     )
     store = FileSystemArtifactStore(args.artifacts) if args.artifacts else None
-    checkpoints = checkpoints_dir(Path(args.artifacts)) if args.artifacts else None
+    checkpoints = checkpoints_dir(Path(args.artifacts), spec.name) if args.artifacts else None
     objective = make_objective(spec, device, args.target, store, checkpoints)
     try:
         return trials(study, objective, args, device, poll_s)
     except KeyboardInterrupt:
-        requeue_interrupted(study, spec.heartbeat.max_retry)
+        with contextlib.suppress(StorageUnreachable):  # then the heartbeat re-queues it later
+            requeue_interrupted(study, spec.heartbeat.max_retry)
         raise
     except Exception:  # Optuna's own bookkeeping fails in odd ways once the storage is gone
         if not storage.outage.gave_up:

@@ -1,11 +1,14 @@
 """A run's checkpoint file: after every epoch, everything fit needs to go on as if it had never
 stopped (weights, optimizer, schedule, random streams, the best epoch so far, the history).
 
-A retried run reads its predecessor's file (`resume_from`) and from then on writes its own, so a
-chain of retries keeps one file at a time. Files are written atomically (a reader sees the last
-complete epoch, never half of one) and load with `weights_only=True`. The cost on disk: the
-weights twice (current and best), the optimizer state (one or two copies of the weights for
-SGD with momentum or Adam/AdamW) and the best epoch's validation probabilities.
+A run writes its own file; a retried run reads its predecessor's (`resume_from`) and from its
+first epoch on writes its own, so a chain of retries keeps one file at a time. A file carries a
+`key` (the caller's: which study, recipe and device type it belongs to) and is ignored when the
+key differs, so a file left by another study or another recipe is never resumed. Files are
+written atomically (a reader sees the last complete epoch, never half of one), read on the CPU
+(nothing of them stays on a GPU) and load with `weights_only=True`. The cost on disk: the weights
+twice (current and best), the optimizer state (one or two copies of the weights for SGD with
+momentum or Adam/AdamW) and the best epoch's validation probabilities.
 """
 
 from __future__ import annotations
@@ -19,22 +22,29 @@ from maskcls.rundir import write_atomic
 
 
 class CheckpointFile:
-    def __init__(self, path: str | Path, resume_from: str | Path | None = None):
+    def __init__(self, path: str | Path, resume_from: str | Path | None = None, key: str = ""):
         self.path = Path(path)
         self.resume_from = Path(resume_from) if resume_from is not None else None
-        self._loaded: dict[str, Any] | None = None
+        self.key = key
+        self._state: dict[str, Any] | None = None
+        self._read = False
 
-    def load(self, device: torch.device) -> dict[str, Any] | None:
-        """The newest state to continue from: this run's own file, else its predecessor's (read
-        once: the search looks at its epoch before fit continues from it)."""
-        for path in (self.path, self.resume_from):
-            if self._loaded is None and path is not None and path.is_file():
-                self._loaded = torch.load(path, map_location=device, weights_only=True)
-        return self._loaded
+    def peek(self) -> dict[str, Any] | None:
+        """The predecessor's state to continue from, or None; read once."""
+        if not self._read and self.resume_from is not None and self.resume_from.is_file():
+            state = torch.load(self.resume_from, map_location="cpu", weights_only=True)
+            self._state = state if state.get("key") == self.key else None
+        self._read = True
+        return self._state
+
+    def take(self) -> dict[str, Any] | None:
+        """The state to continue from, handed over: this object keeps no reference to it."""
+        state, self._state = self.peek(), None
+        return state
 
     def save(self, state: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, lambda tmp: torch.save(state, tmp))
+        write_atomic(self.path, lambda tmp: torch.save({**state, "key": self.key}, tmp))
         if self.resume_from is not None:
             self.resume_from.unlink(missing_ok=True)  # this run holds the newer state now
 

@@ -360,6 +360,12 @@ def restore(p: Parts, state: dict[str, Any]) -> Course:
     return Course(**{**course, "history": history, "best": Best(**best)})
 
 
+def start(p: Parts, checkpoint: CheckpointFile | None) -> Course:
+    """A fresh course, or the one a checkpoint holds (copied into the parts, then let go)."""
+    saved = checkpoint.take() if checkpoint is not None else None
+    return restore(p, saved) if saved is not None else Course()
+
+
 def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
     return torch.from_numpy(np.ascontiguousarray(array)) if array is not None else None
 
@@ -376,10 +382,14 @@ def fit(
     started = time.perf_counter()
     p = setup(cfg, data, device)
     val_labels = data.table["label"].to_numpy()[data.val_rows]
-    saved = checkpoint.load(device) if checkpoint is not None else None
-    c = restore(p, saved) if saved is not None else Course()  # a retried run goes on where it stopped
+    c = start(p, checkpoint)  # a retried run goes on where its predecessor stopped
     stop_reason = "completed"
     for epoch in range(c.epoch + 1, cfg.train.epochs + 1):
+        # Stop early once validation macro-F1 has not improved for `patience` epochs.
+        patience = cfg.train.patience
+        if patience and len(val_labels) and c.epoch - c.best.epoch >= patience:
+            stop_reason = f"early stop: no better val macro-F1 for {patience} epochs"
+            break
         # Train: forward and backward every batch, an optimizer step every `accumulate` batches.
         p.model.train()
         tick = time.perf_counter()
@@ -424,11 +434,6 @@ def fit(
         # Report the epoch: the search stops a hopeless run by raising here.
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        # Stop early once validation macro-F1 has not improved for `patience` epochs.
-        patience = cfg.train.patience
-        if patience and len(val_labels) and epoch - c.best.epoch >= patience:
-            stop_reason = f"early stop: no better val macro-F1 for {patience} epochs"
-            break
 
     assert c.best.state is not None  # every run trains at least one epoch
     p.model.load_state_dict(c.best.state)

@@ -1,6 +1,7 @@
 """Helpers for tests that run the search service in real processes."""
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -69,8 +70,15 @@ def finish(proc, timeout=300):
     return proc.returncode, out, err
 
 
+@functools.cache
+def storage_at(url):
+    """One storage (one connection pool) per URL for the whole test session: tests poll a study
+    many times, and a pool per poll would exhaust a server's connections."""
+    return open_storage(url)
+
+
 def load(storage, name="t"):
-    return optuna.load_study(study_name=name, storage=open_storage(storage))
+    return optuna.load_study(study_name=name, storage=storage_at(storage))
 
 
 def wait_for_running_trial(storage, name="t", min_epoch=1, timeout=120, poll_s=0.3):

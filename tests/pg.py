@@ -42,7 +42,7 @@ class Server:
         subprocess.run(_as_postgres([*command, *args]), check=True, capture_output=True, timeout=60)
 
     def start(self) -> None:
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c max_connections=50"
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c max_connections=100"
         self.ctl("-o", options, "start")
 
     def stop(self) -> None:

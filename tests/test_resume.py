@@ -67,10 +67,41 @@ def test_a_resumed_fit_ends_exactly_where_an_uninterrupted_one_does(tiny_cfg, tm
 
 def test_a_checkpoint_loads_with_weights_only(tiny_cfg, tmp_path):
     cfg = tiny_cfg.override({"train.epochs": 1})
-    checkpoint = CheckpointFile(tmp_path / "c.pt")
+    checkpoint = CheckpointFile(tmp_path / "c.pt", key="study t, recipe 1, cpu")
     fit(cfg, load_data(cfg, progress=False), "cpu", checkpoint=checkpoint)
     state = torch.load(checkpoint.path, weights_only=True)
-    assert set(state) == {"course", "model", "optimizer", "schedule", "scaler", "rng"}
+    assert set(state) == {"course", "model", "optimizer", "schedule", "scaler", "rng", "key"}
+
+
+def test_only_a_predecessor_with_the_same_key_is_resumed(tiny_cfg, tmp_path):
+    """A file left by another study, recipe or device type is never continued from; nor is a
+    run's own file, which only an older study with the same trial numbers could have left."""
+    cfg = tiny_cfg.override({"train.epochs": 2})
+    data = load_data(cfg, progress=False)
+    old = CheckpointFile(tmp_path / "trial-0.pt", key="recipe A")
+    with pytest.raises(Interrupted):
+        fit(cfg, data, "cpu", on_epoch=stop_after(1), checkpoint=old)
+    assert CheckpointFile(tmp_path / "trial-1.pt", old.path, key="recipe A").peek() is not None
+    assert CheckpointFile(tmp_path / "trial-1.pt", old.path, key="recipe B").peek() is None
+    assert CheckpointFile(old.path, key="recipe A").peek() is None
+    trained = []
+    fit(cfg, data, "cpu", lambda e, m: trained.append(e), checkpoint=CheckpointFile(old.path, key="recipe A"))
+    assert trained == [1, 2]
+
+
+def test_a_run_that_ran_out_of_patience_before_it_was_killed_stops_on_resume(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.override({"train.epochs": 8, "train.patience": 1, "optim.lr": 1e-2})
+    data = load_data(cfg, progress=False)
+    straight = fit(cfg, data, "cpu")
+    assert straight.stop_reason.startswith("early stop")  # this recipe on this data stops early
+    first = CheckpointFile(tmp_path / "trial-0.pt")
+    with pytest.raises(Interrupted):  # killed after its last epoch's checkpoint
+        fit(cfg, data, "cpu", on_epoch=stop_after(len(straight.history)), checkpoint=first)
+    trained = []
+    retry = CheckpointFile(tmp_path / "trial-1.pt", first.path)
+    resumed = fit(cfg, data, "cpu", lambda e, m: trained.append(e), checkpoint=retry)
+    assert trained == [] and resumed.stop_reason == straight.stop_reason
+    assert len(resumed.history) == len(straight.history)
 
 
 def test_an_exploding_loss_fails_even_while_finite():

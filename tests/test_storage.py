@@ -178,3 +178,89 @@ def test_runs_setting_up_one_study_together_create_it_once_and_queue_its_recipes
         assert counts(study)["waiting"] == 2  # the spec's two recipes, once each
     finally:
         optuna.delete_study(study_name=name, storage=open_storage(url))
+
+
+def _lost_connection() -> Exception:
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+
+
+def test_an_operation_waits_out_a_lost_connection_and_gives_up_past_the_window(monkeypatch):
+    from hpo import outage
+
+    monkeypatch.setattr(outage, "BACKOFF_S", 0.01)
+    notes = []
+    failures = iter([_lost_connection(), _lost_connection()])
+
+    def flaky():
+        err = next(failures, None)
+        if err is not None:
+            raise err
+        return "answer"
+
+    waits = outage.Outage("postgresql+psycopg://u@h/db", window_s=5, on_outage=notes.append)
+    assert waits.call(flaky) == "answer"
+    assert notes[0].startswith("storage unreachable, retrying (0 s): ")
+    assert "server closed the connection" in notes[0]
+    assert notes[-1].startswith("storage reachable again after")
+
+    def down():
+        raise _lost_connection()
+
+    gone = outage.Outage("postgresql+psycopg://u@h/db", window_s=0.05, on_outage=None)
+    with pytest.raises(outage.StorageUnreachable, match="server closed the connection"):
+        gone.call(down)
+    with pytest.raises(outage.StorageUnreachable):  # at once from now on: the process is stopping
+        gone.call(lambda: "never asked")
+
+
+def test_only_connection_errors_are_waited_out():
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from hpo.outage import transient
+
+    assert transient(_lost_connection(), "postgresql")
+    wrapped = optuna.exceptions.StorageInternalError("An exception is raised during the commit")
+    wrapped.__cause__ = _lost_connection()
+    assert transient(wrapped, "postgresql")  # Optuna's misleading wrapper of a failed commit
+    assert not transient(IntegrityError("INSERT", {}, Exception("duplicate key")), "postgresql")
+    assert not transient(OperationalError("SELECT", {}, Exception("no such table: trials")), "sqlite")
+    assert transient(OperationalError("SELECT", {}, Exception("database is locked")), "sqlite")
+
+
+def test_failing_a_finished_trial_again_is_refused_unless_our_own_retry_committed_it(tmp_path):
+    """Two workers that find the same stale trial must not both re-queue it: Optuna relies on the
+    second FAIL being refused."""
+    from hpo.spec import Heartbeat
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", Heartbeat(interval=1, grace=1))
+    study = optuna.create_study(storage=storage)
+    trial_id = study.ask()._trial_id
+    assert storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+
+
+@pytest.mark.slow
+def test_a_trial_started_but_never_taken_up_is_failed_and_queued_again(tmp_path):
+    """A start whose commit went through but whose answer was lost with the connection leaves a
+    RUNNING trial with no worker and no heartbeat, which Optuna's stale check never sees."""
+    import time
+
+    from hpo.outage import BACKOFF_CAP_S
+    from hpo.spec import Heartbeat
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", Heartbeat(interval=1, grace=1, max_retry=2))
+    study = optuna.create_study(storage=storage)
+    study.enqueue_trial({"x": 1.0})
+    orphan = study.ask()  # RUNNING; nobody will ever set its worker or beat for it
+    orphan.suggest_float("x", 0, 2)
+    optuna.storages.fail_stale_trials(study)
+    assert counts(study)["running"] == 1  # not before the grace period (+ one backoff step)
+    time.sleep(1 + BACKOFF_CAP_S + 0.5)
+    optuna.storages.fail_stale_trials(study)
+    failed, retry = study.get_trials()
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert failed.user_attrs["fail_reason"].startswith("no worker took it up")
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.params == {"x": 1.0}
