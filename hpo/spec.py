@@ -189,6 +189,11 @@ def load(name_or_path: str) -> StudySpec:
         heartbeat = Heartbeat(**(raw.get("heartbeat") or {}))
     except TypeError:
         raise UserError(f"{path}: heartbeat takes interval, grace, max_retry and outage") from None
+    for key, value in dataclasses.asdict(heartbeat).items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "max_retry" else 1):
+            raise UserError(
+                f"{path}: heartbeat.{key} must be a whole number of seconds (or retries), got {value!r}"
+            )
     n_trials = raw.get("n_trials", 20)
     if not isinstance(n_trials, int) or n_trials < 1:
         raise UserError(f"{path}: n_trials must be a positive integer")

@@ -1,5 +1,8 @@
+import re
+
 import optuna
 import pytest
+import yaml
 
 from hpo import spec as specs
 from hpo.space import check_recipe, parse, suggest
@@ -121,3 +124,22 @@ def test_shipped_specs_load():
     assert mask.enqueue and isinstance(mask.make_pruner(), optuna.pruners.HyperbandPruner)
     a, b = mask.make_sampler("host:1"), mask.make_sampler("host:2")
     assert a._rng.rng.random() != b._rng.rng.random()  # workers draw different points
+
+
+@pytest.mark.parametrize(
+    "heartbeat, message",
+    [
+        ({"outage": "5m"}, "heartbeat.outage must be a whole number of seconds (or retries), got '5m'"),
+        ({"grace": 0}, "heartbeat.grace must be a whole number"),
+        ({"max_retry": -1}, "heartbeat.max_retry must be a whole number"),
+        ({"every": 3}, "heartbeat takes interval, grace, max_retry and outage"),
+    ],
+)
+def test_a_bad_heartbeat_names_the_key(tmp_path, heartbeat, message):
+    lr = {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"study": "s", "space": lr, "heartbeat": heartbeat}))
+    with pytest.raises(UserError, match=re.escape(message)):
+        specs.load(str(path))
+    path.write_text(yaml.safe_dump({"study": "s", "space": lr, "heartbeat": {"outage": 60, "max_retry": 0}}))
+    assert specs.load(str(path)).heartbeat.outage == 60
