@@ -5,9 +5,10 @@ study: demo                       # the Optuna study name
 storage: null                     # default: sqlite:///runs/<study>/study.db
 data: {root: runs/demo/data, synth: {people: 200, eval_people: 50, size: [96, 128]}}
 n_trials: 16                      # default for --n-trials
+objectives: [val_macro_f1]        # optionally + cpu_latency_ms and/or params_m (minimised, pruner: none)
 fixed: {model.name: mobilenetv3_small_050, train.epochs: 6}   # TrainConfig values for every trial
 sampler: {name: tpe}              # tpe (multivariate, constant liar) | random | cmaes | gp
-pruner: {name: hyperband}         # hyperband | median | successive_halving | threshold | none
+pruner: {name: hyperband}         # hyperband | median | successive_halving | patient | threshold | none
 space: {...}                      # see hpo.space
 enqueue: [{optim.lr: 0.003}]      # recipes run first, so a search never ends below them
 heartbeat: {interval: 10, grace: 60, max_retry: 2, outage: 300}
@@ -20,7 +21,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import optuna
@@ -33,6 +34,13 @@ from maskcls.weights import spec_models
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 METRIC = "val_macro_f1"  # maximised
+# What a study may optimise besides validation macro-F1, measured once after training, the same
+# way in every trial (hpo.objective): name -> direction.
+OBJECTIVES: dict[str, Literal["minimize", "maximize"]] = {
+    METRIC: "maximize",
+    "cpu_latency_ms": "minimize",  # CPU inference per image, batch 1, one thread, median of 20 runs
+    "params_m": "minimize",  # the model's parameters, millions
+}
 
 SAMPLERS = {
     "tpe": lambda seed, **kw: optuna.samplers.TPESampler(
@@ -42,7 +50,9 @@ SAMPLERS = {
     "cmaes": lambda seed, **kw: optuna.samplers.CmaEsSampler(
         seed=seed, **{"warn_independent_sampling": False, **kw}
     ),
-    "gp": lambda seed, **kw: optuna.samplers.GPSampler(seed=seed, **kw),
+    "gp": lambda seed, **kw: optuna.samplers.GPSampler(
+        seed=seed, **{"warn_independent_sampling": False, **kw}
+    ),
 }
 PRUNERS = {
     "hyperband": lambda epochs, **kw: optuna.pruners.HyperbandPruner(
@@ -54,6 +64,7 @@ PRUNERS = {
     "successive_halving": lambda epochs, **kw: optuna.pruners.SuccessiveHalvingPruner(
         **{"min_resource": 1, "reduction_factor": 3, **kw}
     ),
+    "patient": lambda epochs, **kw: optuna.pruners.PatientPruner(None, **{"patience": 2, **kw}),
     "threshold": lambda epochs, **kw: optuna.pruners.ThresholdPruner(**kw),
     "none": lambda epochs, **kw: optuna.pruners.NopPruner(),
 }
@@ -62,6 +73,7 @@ SPEC_KEYS = (
     "storage",
     "data",
     "metric",
+    "objectives",
     "n_trials",
     "fixed",
     "sampler",
@@ -113,6 +125,16 @@ class StudySpec:
     enqueue: list[dict]
     heartbeat: Heartbeat
     models: tuple[ModelConfig, ...]  # every (model.name, model.pretrained) a trial can get
+    objectives: tuple[str, ...] = (METRIC,)  # val_macro_f1 first; more make a multi-objective study
+
+    @property
+    def directions(self) -> list[Literal["minimize", "maximize"]]:
+        return [OBJECTIVES[name] for name in self.objectives]
+
+    @property
+    def multi(self) -> bool:
+        """Several objectives: a Pareto front and no pruning (Optuna prunes single-objective studies)."""
+        return len(self.objectives) > 1
 
     @property
     def runs_dir(self) -> Path:
@@ -184,7 +206,14 @@ def load(name_or_path: str) -> StudySpec:
         space.check_recipe(r, params, f"{path}: enqueue[{i}]") for i, r in enumerate(raw.get("enqueue") or [])
     ]
     sampler = _strategy(raw.get("sampler") or "tpe", SAMPLERS, f"{path}: sampler", seeded=True)
-    pruner = _strategy(raw.get("pruner") or "hyperband", PRUNERS, f"{path}: pruner", seeded=False)
+    objectives = _objectives(raw, f"{path}: objectives")
+    default_pruner = "none" if len(objectives) > 1 else "hyperband"
+    pruner = _strategy(raw.get("pruner") or default_pruner, PRUNERS, f"{path}: pruner", seeded=False)
+    if len(objectives) > 1 and pruner.name != "none":
+        raise UserError(
+            f"{path}: pruner: a study with several objectives cannot be pruned (Optuna prunes "
+            "single-objective studies only); set `pruner: none`"
+        )
     try:
         heartbeat = Heartbeat(**(raw.get("heartbeat") or {}))
     except TypeError:
@@ -210,9 +239,23 @@ def load(name_or_path: str) -> StudySpec:
         enqueue=enqueue,
         heartbeat=heartbeat,
         models=tuple(spec_models(raw)),
+        objectives=objectives,
     )
     _check_builds(spec, path)
     return spec
+
+
+def _objectives(raw: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """`objectives: [val_macro_f1, cpu_latency_ms]`: validation macro-F1 first, each name once."""
+    names = raw.get("objectives") or [METRIC]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{where}: expected a list of names, e.g. [{METRIC}, cpu_latency_ms]")
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        raise UserError(f"{where}: unknown objective {unknown[0]!r}; valid: {', '.join(OBJECTIVES)}")
+    if names[0] != METRIC or len(set(names)) != len(names):
+        raise UserError(f"{where}: {METRIC} must come first and each objective once, got {names}")
+    return tuple(names)
 
 
 def _flatten(values: Any, where: str) -> dict[str, Any]:
