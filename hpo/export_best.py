@@ -4,6 +4,10 @@ The trial's recipe is rebuilt exactly from the config stored on it (not re-deriv
 space), then retrained: by default on all training people for the epoch count at which the trial
 peaked; with --holdout on the trial's own split (its validation macro-F1 reported next to the
 trial's); with --folds K as K person-level folds exported as an ensemble (mean of probabilities).
+With --top-k K the K best complete trials with distinct recipes are each retrained so and
+exported as one ensemble that soft-votes their probabilities (equally, or weighted by each
+trial's validation macro-F1 with --weighting f1); members share the best trial's preprocessing
+(image size, crop), so a trial with other preprocessing is passed over for the next one.
 
 The export itself is maskcls.export's (the same as `python -m maskcls.export RUN --out DIR`):
 model.safetensors and config.json, model.onnx checked with onnxruntime, submission.csv, report.md
@@ -14,6 +18,7 @@ to the study as a zip artifact and recorded in the study's `export` user attr.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -26,8 +31,9 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from hpo import spec as specs
-from hpo.protocol import Attr, artifacts_dir, export_dir, ranked
+from hpo.protocol import Attr, artifacts_dir, export_dir, quiet_experimental, ranked
 from hpo.storage import FINISHED, masked, open_storage, resolve_url
+from maskcls import plots
 from maskcls.cli import run_main
 from maskcls.config import TrainConfig
 from maskcls.errors import UserError
@@ -48,6 +54,10 @@ class Retrain:
     fold_f1: list[float] | None = None
     val_labels: np.ndarray | None = None
     val_probs: np.ndarray | None = None
+    recipes: list[TrainConfig] | None = None  # top-k: each member's config
+    weights: list[float] | None = None  # top-k: each member's vote
+    member_f1: list[float | None] | None = None  # top-k with --holdout: each member's own val F1
+    scored_on: str = "-"  # what val_macro_f1 was measured on
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
@@ -77,6 +87,110 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     return trial
 
 
+def distinct_top(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The k best complete trials with different parameters and the best one's preprocessing."""
+    chosen: list[optuna.trial.FrozenTrial] = []
+    seen, passed_over = set(), []
+    for trial in ranked(study):
+        if Attr.CONFIG not in trial.user_attrs:
+            continue
+        recipe = json.dumps(trial.params, sort_keys=True)
+        if recipe in seen:
+            continue
+        seen.add(recipe)
+        if chosen and preprocessing_of(trial) != preprocessing_of(chosen[0]):
+            passed_over.append(trial.number)
+            continue
+        chosen.append(trial)
+        if len(chosen) == k:
+            break
+    if len(chosen) < k:
+        other = f" ({len(passed_over)} more with other preprocessing)" if passed_over else ""
+        raise UserError(
+            f"--top-k {k}: study {study.study_name!r} has only {len(chosen)} complete trials with distinct "
+            f"recipes and the best trial's preprocessing{other}"
+        )
+    if passed_over:
+        print(
+            f"passed over trials {passed_over}: other preprocessing than trial {chosen[0].number}",
+            file=sys.stderr,
+        )
+    return chosen
+
+
+def pick_tradeoff(
+    study: optuna.Study, objectives: Sequence[str], pick: str
+) -> tuple[optuna.trial.FrozenTrial, str]:
+    """`best-f1`, or `f1-within:D`: of the trials within D of the best validation macro-F1, the one
+    with the lowest other objectives (in the spec's order). Returns the trial and what was chosen."""
+    if len(study.directions) < 2:
+        raise UserError(
+            f"--pick chooses between objectives; study {study.study_name!r} has one ({objectives[0]}): "
+            "drop --pick to export its best trial"
+        )
+    ranking = ranked(study)
+    if not ranking:
+        raise UserError(f"study {study.study_name!r} has no complete trial yet")
+    best = ranking[0]
+    if pick == "best-f1":
+        return best, f"best-f1: trial {best.number}, the best validation macro-F1 ({best.values[0]:.4f})"
+    try:
+        tolerance = float(pick.removeprefix("f1-within:")) if pick.startswith("f1-within:") else -1.0
+    except ValueError:
+        tolerance = -1.0
+    if not 0 <= tolerance < 1:
+        raise UserError(
+            f"--pick {pick!r}: expected best-f1 or f1-within:D with 0 <= D < 1, e.g. f1-within:0.01"
+        )
+    near = [t for t in ranking if t.values[0] >= best.values[0] - tolerance]
+    chosen = min(near, key=lambda t: (list(t.values[1:]), -t.values[0]))
+    other = objectives[1]
+    return chosen, (
+        f"{pick}: of the {len(near)} trials within {tolerance} of the best validation macro-F1 "
+        f"({best.values[0]:.4f}, trial {best.number}), trial {chosen.number} has the lowest {other}: "
+        f"{chosen.values[1]:.4g} against {best.values[1]:.4g}, at val macro-F1 {chosen.values[0]:.4f}"
+    )
+
+
+def preprocessing_of(trial: optuna.trial.FrozenTrial) -> tuple:
+    data = trial.user_attrs[Attr.CONFIG]["data"]
+    return tuple(data["image_size"]), data["center_crop"]
+
+
+def retrain_top(
+    trials: list[optuna.trial.FrozenTrial], cfgs: list[TrainConfig], holdout: bool, weighting: str, device
+) -> Retrain:
+    """Each trial retrained as a single export would be, then one ensemble of them all."""
+    if holdout and len({split_of(c) for c in cfgs}) > 1:
+        raise UserError("--holdout --top-k: the trials were validated on different splits; drop --holdout")
+    done = []
+    for i, (cfg, trial) in enumerate(zip(cfgs, trials, strict=True)):
+        print(f"member {i + 1}/{len(trials)}: trial {trial.number}", file=sys.stderr)
+        done.append(retrain(cfg, trial, holdout, None, device))
+    votes = [t.values[0] for t in trials] if weighting == "f1" else [1.0] * len(trials)
+    weights = [v / sum(votes) for v in votes]
+    ensemble = Retrain(
+        f"top-{len(trials)} ensemble, each on {done[0].mode}",
+        [d.members[0] for d in done],
+        done[0].config,
+        recipes=[d.config for d in done],
+        weights=weights,
+        member_f1=[d.val_macro_f1 for d in done],
+        scored_on=done[0].scored_on,
+    )
+    if holdout:
+        labels = np.asarray(done[0].val_labels)
+        probs = np.sum([w * np.asarray(d.val_probs) for w, d in zip(weights, done, strict=True)], axis=0)
+        ensemble.val_labels, ensemble.val_probs = labels, probs
+        ensemble.val_macro_f1 = macro_f1(labels, probs.argmax(1))
+    return ensemble
+
+
+def split_of(cfg: TrainConfig) -> tuple:
+    d = cfg.data
+    return d.root, d.corrections, d.val_ratio, d.seed, d.folds, d.fold
+
+
 def retrain(
     cfg: TrainConfig, trial: optuna.trial.FrozenTrial, holdout: bool, folds: int | None, device
 ) -> Retrain:
@@ -89,6 +203,7 @@ def retrain(
             result.best_val_macro_f1,
             val_labels=result.val_labels,
             val_probs=result.val_probs,
+            scored_on=f"the trial's validation people ({cfg.data.val_ratio:.0%} of the training people)",
         )
     if folds:
         members, scores, fold_labels, fold_probs = [], [], [], []
@@ -109,6 +224,7 @@ def retrain(
             scores,
             labels,
             probs,
+            scored_on="out-of-fold predictions: every training person once",
         )
     epochs = int(trial.user_attrs.get(Attr.BEST_EPOCH) or cfg.train.epochs)
     everyone = cfg.override({"train.epochs": epochs, "train.patience": None})
@@ -116,33 +232,76 @@ def retrain(
     return Retrain(f"all training people, {epochs} epochs", [result.model], everyone)
 
 
-def export_info(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: Retrain) -> ExportInfo:
+def export_info(
+    study: optuna.Study, trials: list[optuna.trial.FrozenTrial], done: Retrain, folder: Path, pick: str | None
+) -> ExportInfo:
+    """The report's content; the study's learning curves go to `folder` as study_curves.png."""
+    trial, cfg, best = trials[0], done.config, ranked(study)[0].values[0]
+    numbers = ", ".join(str(t.number) for t in trials)
+    search = f"the search's validation people ({cfg.data.val_ratio:.0%} of the training people)"
+    members = []
+    if done.recipes is not None:  # an ensemble of trials: each member beside the ensemble
+        assert done.weights is not None and done.member_f1 is not None
+        members = [
+            {"trial": t.number, "search": t.values[0], "retrain": f1, "weight": w}
+            for t, f1, w in zip(trials, done.member_f1, done.weights, strict=True)
+        ]
     return ExportInfo(
-        title=f"Export of study `{study.study_name}`, trial {trial.number}",
+        title=f"Export of study `{study.study_name}`, trial{'s' if len(trials) > 1 else ''} {numbers}",
         trained_on=done.mode,
         scores={
-            "study best value": study.best_value,
-            f"trial {trial.number} (search)": trial.value,
-            f"retrain ({done.mode})": done.val_macro_f1,
+            "study best value": (best, search),
+            f"trial {trial.number} (search)": (trial.values[0], search),
+            f"retrain ({done.mode})": (done.val_macro_f1, done.scored_on),
         },
         facts={
             "study": study.study_name,
-            "study_best_value": study.best_value,
+            "study_best_value": best,
             "trial": trial.number,
-            "trial_value": trial.value,
+            "trial_value": trial.values[0],
+            **({"pick": pick} if pick else {}),
             "val_macro_f1": done.val_macro_f1,
             "fold_macro_f1": done.fold_f1,
+            **({"members": members} if members else {}),
         },
         params=trial.params,
+        recipe=cfg.to_dict(),
+        members=members,
+        sections=(["## Trade-off", "", f"Picked by {pick}.", ""] if pick else [])
+        + study_sections(study, {t.number for t in trials}, folder),
         validation=None
         if done.val_labels is None or done.val_probs is None
         else (done.val_labels, done.val_probs),
     )
 
 
+def study_sections(study: optuna.Study, exported: set[int], folder: Path) -> list[str]:
+    """The study at a glance: every trial's curve (pruned ones greyed) and what mattered."""
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    curves = [
+        (t.intermediate_values, "exported" if t.number in exported else t.state.name.lower())
+        for t in trials
+        if t.intermediate_values
+    ]
+    lines = ["## The study", ""]
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    lines.append(f"{len(trials)} finished trials ({pruned} pruned), validation macro-F1 per epoch:")
+    if curves:
+        plots.study_curves(curves, folder / "study_curves.png")
+        lines += ["", "![study learning curves](study_curves.png)"]
+    lines += ["", "Parameter importances (optuna.importance, PED-ANOVA over the complete trials):", ""]
+    try:
+        with quiet_experimental():
+            importances = optuna.importance.get_param_importances(study)
+        lines += [f"- `{name}`: {value:.3f}" for name, value in importances.items()]
+    except (ValueError, RuntimeError) as err:  # too few complete trials, or a one-point space
+        lines.append(f"- not computed: {err}")
+    return [*lines, ""]
+
+
 def record(
     study: optuna.Study,
-    trial: optuna.trial.FrozenTrial,
+    trials: list[optuna.trial.FrozenTrial],
     done: Retrain,
     out: Path,
     figures: ExportFigures,
@@ -150,8 +309,9 @@ def record(
 ) -> None:
     """Attach the export to the study as a zip artifact and note it in the study's `export` attr."""
     artifacts.mkdir(parents=True, exist_ok=True)
+    name = "export-trial" + "-".join(str(t.number) for t in trials)
     with tempfile.TemporaryDirectory() as zdir:
-        archive = shutil.make_archive(str(Path(zdir) / f"export-trial{trial.number}"), "zip", out)
+        archive = shutil.make_archive(str(Path(zdir) / name), "zip", out)
         artifact_id = upload_artifact(
             artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=archive, study_or_trial=study
         )
@@ -159,7 +319,8 @@ def record(
         Attr.EXPORT,
         {
             "path": str(out.resolve()),
-            "trial": trial.number,
+            "trial": trials[0].number,
+            "members": [t.number for t in trials],
             "mode": done.mode,
             "artifact_id": artifact_id,
             "val_macro_f1": done.val_macro_f1,
@@ -168,7 +329,7 @@ def record(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m hpo.export-best",
         description=__doc__.split("\n")[0],
@@ -179,7 +340,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--storage", help="storage URL (default: as hpo.run resolves it)")
     parser.add_argument("--data", help="data root (default: the trial's)")
     parser.add_argument("--out", help="export directory (default runs/<study>/export)")
-    parser.add_argument("--trial", type=int, help="trial number (default: the best complete trial)")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--trial", type=int, help="trial number (default: the best complete trial)")
+    choice.add_argument(
+        "--top-k", type=int, metavar="K", help="export the K best distinct recipes as one ensemble"
+    )
+    choice.add_argument(
+        "--pick",
+        metavar="RULE",
+        help="a study with several objectives: best-f1 (its default) or f1-within:D, the trial lowest in "
+        "the other objectives among those within D of the best validation macro-F1",
+    )
+    parser.add_argument(
+        "--weighting",
+        choices=("equal", "f1"),
+        default="equal",
+        help="--top-k: members vote equally or by their trial's validation macro-F1 (default equal)",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--holdout", action="store_true", help="retrain on the trial's own split and report its val F1"
@@ -191,7 +368,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.folds is not None and args.folds < 2:
         raise UserError("--folds must be at least 2")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_k is not None and args.folds is not None:
+        raise UserError("--top-k and --folds do not combine: choose an ensemble of trials or of folds")
+    return args
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
     spec = specs.load(args.study)
     out = export_dir(args.out, spec.runs_dir)
     check_out(out, args.force)
@@ -202,24 +387,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(
             f"no study {spec.name!r} in {masked(url)}; run `python -m hpo.run --study {args.study}`"
         ) from None
-    trial = pick_trial(study, args.trial)
-    cfg = TrainConfig.from_dict(trial.user_attrs[Attr.CONFIG])
+    picked = None
+    if args.pick or (len(study.directions) > 1 and args.trial is None and not args.top_k):
+        trial, picked = pick_tradeoff(study, spec.objectives, args.pick or "best-f1")
+        trials = [trial]
+    else:
+        trials = distinct_top(study, args.top_k) if args.top_k else [pick_trial(study, args.trial)]
+    if picked:
+        print(f"picked {picked}", file=sys.stderr)
+    cfgs = [TrainConfig.from_dict(t.user_attrs[Attr.CONFIG]) for t in trials]
     if args.data:
-        cfg = cfg.override({"data.root": str(Path(args.data).expanduser())})
+        cfgs = [c.override({"data.root": str(Path(args.data).expanduser())}) for c in cfgs]
     device = pick_device(args.device)
     # On the CPU the thread count changes the order of float sums, and over a few epochs that moves
     # validation macro-F1 by a few points on a small set; --holdout reproduces the trial with its own.
-    threads = trial.user_attrs.get(Attr.THREADS) if args.holdout and device.type == "cpu" else None
+    threads = trials[0].user_attrs.get(Attr.THREADS) if args.holdout and device.type == "cpu" else None
     configure_cpu(threads)
-    print(
-        f"exporting trial {trial.number} (val macro-F1 {trial.value}) of study {spec.name}", file=sys.stderr
-    )
+    values = ", ".join(f"trial {t.number} (val macro-F1 {t.values[0]:.4f})" for t in trials)
+    print(f"exporting {values} of study {spec.name}", file=sys.stderr)
 
-    done = retrain(cfg, trial, args.holdout, args.folds, device)
+    if args.top_k:
+        done = retrain_top(trials, cfgs, args.holdout, args.weighting, device)
+    else:
+        done = retrain(cfgs[0], trials[0], args.holdout, args.folds, device)
     with building(out) as tmp:
-        write_model_dir(tmp, done.config, done.members)
-        figures = complete(tmp, cfg.data.root, device, export_info(study, trial, done))
-    record(study, trial, done, out, figures, artifacts_dir(args.artifacts, spec.runs_dir))
+        write_model_dir(tmp, done.config, done.members, done.recipes, done.weights)
+        figures = complete(tmp, cfgs[0].data.root, device, export_info(study, trials, done, tmp, picked))
+    record(study, trials, done, out, figures, artifacts_dir(args.artifacts, spec.runs_dir))
     print((out / "report.md").read_text())
     print(f"wrote {out}")
     return 0

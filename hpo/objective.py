@@ -14,7 +14,7 @@ import resource
 import socket
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from hpo.spec import StudySpec
 from maskcls import memory, plots
 from maskcls.checkpoint import CheckpointFile
 from maskcls.config import TrainConfig
-from maskcls.infer import autocast
+from maskcls.infer import autocast, cpu_latency_ms
 from maskcls.labels import AgeCutoffs
 from maskcls.metrics import confusion
 from maskcls.train import Diverged, EpochMetrics, FitResult, device_image_count, fit, load_data
@@ -117,8 +117,8 @@ def make_objective(
     target: int,
     artifacts: FileSystemArtifactStore | None,
     checkpoints: Path | None = None,
-) -> Callable[[optuna.Trial], float]:
-    def objective(trial: optuna.Trial) -> float:
+) -> Callable[[optuna.Trial], float | list[float]]:
+    def objective(trial: optuna.Trial) -> float | list[float]:
         checkpoint = checkpoint_of(trial, checkpoints)
         try:
             value = run(trial, checkpoint)
@@ -138,7 +138,7 @@ def make_objective(
         _discard(checkpoint)
         return value
 
-    def run(trial: optuna.Trial, checkpoint: CheckpointFile | None) -> float:
+    def run(trial: optuna.Trial, checkpoint: CheckpointFile | None) -> float | list[float]:
         trial.set_user_attr(Attr.WORKER, worker_id())
         refuse_surplus(trial, target)
         cfg = spec.base.override(space.suggest(trial, spec.params))
@@ -154,6 +154,8 @@ def make_objective(
 
         def on_epoch(epoch: int, metrics: EpochMetrics) -> None:
             score = validated(metrics.val_macro_f1)
+            if spec.multi:  # Optuna neither records nor prunes per-epoch values of such studies
+                return
             trial.report(score, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}: val macro-F1 {score:.4f}")
@@ -162,7 +164,7 @@ def make_objective(
             checkpoint.key = recipe_key(cfg, device)
             saved = checkpoint.peek()
             if saved is not None:
-                resume(trial, saved["course"])
+                resume(trial, saved["course"], report=not spec.multi)
         out_of_memory = None
         try:
             result = fit(cfg, data, device, on_epoch, checkpoint=checkpoint)
@@ -180,16 +182,35 @@ def make_objective(
             memory.release(device)
             raise fail(trial, out_of_memory)
         _record(trial, cfg, result, device, artifacts)
-        return validated(result.best_val_macro_f1)
+        f1 = validated(result.best_val_macro_f1)
+        return [f1, *measure(trial, spec.objectives[1:], result.model, cfg)] if spec.multi else f1
 
     return objective
 
 
-def resume(trial: optuna.Trial, course: dict) -> None:
+def measure(
+    trial: optuna.Trial, names: Sequence[str], model: torch.nn.Module, cfg: TrainConfig
+) -> list[float]:
+    """The objectives besides validation macro-F1 (hpo.spec.OBJECTIVES), after training, recorded
+    as user attrs too."""
+    values = []
+    for name in names:
+        if name == "cpu_latency_ms":
+            value = round(cpu_latency_ms(model, cfg.data.image_size), 3)
+        else:  # params_m
+            value = round(sum(p.numel() for p in model.parameters()) / 1e6, 4)
+        trial.set_user_attr(name, value)
+        values.append(value)
+    return values
+
+
+def resume(trial: optuna.Trial, course: dict, report: bool = True) -> None:
     """A retried trial continues after its checkpoint's epoch: it records that epoch, reports every
     epoch the checkpoint holds (Optuna ignores, with a warning, the ones it inherited) and is
     pruned if the pruner says so, as it would have been at that epoch."""
     trial.set_user_attr(Attr.RESUMED_AT, course["epoch"])
+    if not report:
+        return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The reported value is ignored", UserWarning)
         for metrics in course["history"]:

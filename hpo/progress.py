@@ -42,7 +42,7 @@ class Progress:
         now = counts(study)
         best = ranked(study)[:1]
         state = (
-            f"best {best[0].value:.4f}" if best else "best -",
+            f"best {best[0].values[0]:.4f}" if best else "best -",
             f"{now['pruned']} pruned",
             f"{now['fail']} failed",
             f"{now['running']} running",
@@ -91,14 +91,16 @@ def summary(study: optuna.Study, target: int, spec: StudySpec, url: str, artifac
         f"{now['pruned']} pruned), {now['fail']} failed, {now['running']} running"
     ]
     best = ranked(study)[:5]
+    others = "".join(f" {name:>14s}" for name in spec.objectives[1:])
     if best:
-        lines.append(f"{'trial':>6s} {'val macro-F1':>12s} {'epoch':>5s} {'peak GiB':>8s}  params")
+        lines.append(f"{'trial':>6s} {'val macro-F1':>12s}{others} {'epoch':>5s} {'peak GiB':>8s}  params")
         for t in best:
             params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
             peak = t.user_attrs.get(Attr.PEAK_MEMORY_MB)
             peak_gib = f"{peak / 1024:.2f}" if peak is not None else "-"
             epoch = t.user_attrs.get(Attr.BEST_EPOCH, "-")
-            lines.append(f"{t.number:6d} {t.value:12.4f} {epoch!s:>5s} {peak_gib:>8s}  {params}")
+            values = "".join(f" {v:14.4g}" for v in t.values[1:])
+            lines.append(f"{t.number:6d} {t.values[0]:12.4f}{values} {epoch!s:>5s} {peak_gib:>8s}  {params}")
     study_arg = spec.name if spec.path.parent == STUDIES_DIR else spec.path
     lines += [
         "",

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # optuna is imported where it is used: hpo.run --help stays light
     import optuna
@@ -66,11 +66,11 @@ def worker_id(pid: int | None = None) -> str:
 
 
 def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The complete trials, best first (the study maximises validation macro-F1)."""
+    """The complete trials, best validation macro-F1 (every study's first objective) first."""
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return sorted(complete, key=lambda t: cast(float, t.value), reverse=True)
+    return sorted(complete, key=lambda t: t.values[0], reverse=True)
 
 
 def artifacts_dir(given: str | None, runs_dir: Path) -> Path:

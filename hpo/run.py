@@ -319,13 +319,19 @@ def open_study(spec: specs.StudySpec, storage: ResilientStorage) -> optuna.Study
         study = optuna.create_study(
             study_name=spec.name,
             storage=storage,
-            direction="maximize",
+            directions=spec.directions,
             sampler=spec.make_sampler(),
             pruner=spec.make_pruner(),
             load_if_exists=True,
         )
+        if [d.name.lower() for d in study.directions] != spec.directions:
+            raise UserError(
+                f"study {spec.name!r} in this storage optimises {len(study.directions)} objective(s), "
+                f"the spec {len(spec.objectives)} ({', '.join(spec.objectives)}); use another study name "
+                "or storage"
+            )
         with quiet_experimental():
-            study.set_metric_names([specs.METRIC])  # the dashboard's axes say val_macro_f1
+            study.set_metric_names(list(spec.objectives))  # the dashboard's axes say what they are
         for recipe in spec.enqueue:
             study.enqueue_trial(recipe, skip_if_exists=True)
     return study

@@ -38,7 +38,7 @@ METRIC = "val_macro_f1"  # maximised
 # way in every trial (hpo.objective): name -> direction.
 OBJECTIVES: dict[str, Literal["minimize", "maximize"]] = {
     METRIC: "maximize",
-    "cpu_latency_ms": "minimize",  # CPU inference per image, batch 1, one thread, median of 20 runs
+    "cpu_latency_ms": "minimize",  # CPU inference per image, batch 1, one thread, fastest of 20 runs
     "params_m": "minimize",  # the model's parameters, millions
 }
 
@@ -150,7 +150,8 @@ class StudySpec:
             return SAMPLERS[self.sampler.name](seed, **self.sampler.options)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
-        return PRUNERS[self.pruner.name](self.base.train.epochs, **self.pruner.options)
+        with quiet_experimental():  # PatientPruner is experimental
+            return PRUNERS[self.pruner.name](self.base.train.epochs, **self.pruner.options)
 
     def with_data(self, root: str | None) -> StudySpec:
         if not root:

@@ -43,6 +43,7 @@ from maskcls.predict import submission
 from maskcls.rundir import building, load_run, write_csv, write_json
 
 MAX_ONNX_DIFF = 1e-4
+PHOTOS_PER_PERSON = 7  # the competition's layout: 5 masked, 1 incorrect, 1 normal photo per person
 MODEL_FILES = ("model.safetensors", "config.json")
 
 
@@ -68,9 +69,12 @@ class ExportInfo:
 
     title: str
     trained_on: str  # e.g. "all training people, 5 epochs"
-    scores: dict[str, float | None]  # report label -> validation macro-F1, in order
+    scores: dict[str, tuple[float | None, str]]  # report label -> (macro-F1, what it was measured on)
     facts: dict[str, Any] = field(default_factory=dict)  # recorded in metrics.json as they are
-    params: dict[str, Any] = field(default_factory=dict)  # the recipe's searched values, listed last
+    params: dict[str, Any] = field(default_factory=dict)  # the recipe's searched values
+    recipe: dict[str, Any] = field(default_factory=dict)  # the complete TrainConfig, fixed and searched
+    members: list[dict[str, Any]] = field(default_factory=list)  # an ensemble of trials, member by member
+    sections: list[str] = field(default_factory=list)  # markdown the caller adds (study curves...)
     validation: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probabilities) to score
 
 
@@ -81,6 +85,7 @@ class ExportFigures:
     mode: str
     onnx: OnnxCheck
     eval_macro_f1: float | None = None  # the submission against eval/gt.csv, where it exists
+    eval_images: int | None = None  # how many eval/gt.csv scores
     scored_on: str | None = None  # what per_class_f1 was measured on
     per_class_f1: list[float] | None = None
 
@@ -146,7 +151,7 @@ def complete(model_dir: Path, data_root: str, device: torch.device, info: Export
     scored = None
     if info.validation is not None:
         labels, probs = info.validation
-        scored = (labels, probs.argmax(1), "validation people of the retrain")
+        scored = (labels, probs.argmax(1), "the retrain's validation people")
     if has_eval:
         table = submission(model.to(device), cfg.override({"data.root": data_root}), data_root, device)
         write_csv(table, model_dir / "submission.csv")
@@ -155,9 +160,10 @@ def complete(model_dir: Path, data_root: str, device: torch.device, info: Export
             scored = (
                 pd.read_csv(gt_path)["ans"].to_numpy(),
                 table["ans"].to_numpy(),
-                "eval set (eval/gt.csv)",
+                f"the data root's eval/gt.csv, {len(table)} images",
             )
             figures.eval_macro_f1 = macro_f1(scored[0], scored[1])
+            figures.eval_images = len(scored[0])
     if scored is not None:
         labels, predicted, figures.scored_on = scored
         figures.per_class_f1 = per_class_f1(labels, predicted).round(4).tolist()
@@ -171,9 +177,27 @@ def report(info: ExportInfo, f: ExportFigures) -> str:
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) else "-"
 
-    scores = {**info.scores, "submission vs eval/gt.csv": f.eval_macro_f1}
-    lines = [f"# {info.title}", "", "| | val macro-F1 |", "|---|---|"]
-    lines += [f"| {label} | {fmt(value)} |" for label, value in scores.items() if value is not None]
+    scores = dict(info.scores)
+    if f.eval_macro_f1 is not None and f.eval_images:
+        people = (
+            f" (about {f.eval_images // PHOTOS_PER_PERSON} people)"
+            if f.eval_images >= PHOTOS_PER_PERSON
+            else ""
+        )
+        scores["submission vs eval/gt.csv"] = (
+            f.eval_macro_f1,
+            f"the data root's eval set: {f.eval_images} images{people}",
+        )
+    lines = [f"# {info.title}", "", "| figure | macro-F1 | measured on |", "|---|---|---|"]
+    lines += [f"| {label} | {fmt(v)} | {on} |" for label, (v, on) in scores.items() if v is not None]
+    if info.members:
+        lines += ["", "## Members", "", "| trial | search val macro-F1 | retrain val macro-F1 | weight |"]
+        lines += ["|---|---|---|---|"]
+        lines += [
+            f"| {m['trial']} | {fmt(m['search'])} | {fmt(m['retrain'])} | {m['weight']:.3f} |"
+            for m in info.members
+        ]
+        lines.append(f"| ensemble | - | {fmt(info.facts.get('val_macro_f1'))} | 1.000 |")
     onnx = f.onnx
     lines += [
         "",
@@ -191,8 +215,17 @@ def report(info: ExportInfo, f: ExportFigures) -> str:
             for c, v in zip(range(NUM_CLASSES), f.per_class_f1, strict=True)
         ]
         lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
+    lines += info.sections
     if info.params:
-        lines += ["## Trial parameters", ""] + [f"- `{k}` = {v}" for k, v in info.params.items()] + [""]
+        lines += ["## Searched parameters", ""] + [f"- `{k}` = {v}" for k, v in info.params.items()] + [""]
+    if info.recipe:
+        lines += [
+            "## Complete recipe (fixed and searched values)",
+            "",
+            "```json",
+            json.dumps(info.recipe, indent=2),
+        ]
+        lines += ["```", ""]
     return "\n".join(lines)
 
 
@@ -204,7 +237,7 @@ def run_info(run_dir: Path) -> ExportInfo:
     return ExportInfo(
         title=f"Export of run `{run_dir}`",
         trained_on=f"the run's training people, best epoch {epoch}" if epoch else "the run's training people",
-        scores={"run (its validation people)": metrics.get("val_macro_f1")},
+        scores={"run": (metrics.get("val_macro_f1"), "the run's validation people")},
         facts={
             "run": str(run_dir.resolve()),
             "val_macro_f1": metrics.get("val_macro_f1"),

@@ -58,16 +58,24 @@ def build(cfg: ModelConfig) -> Classifier:
 
 
 class Ensemble(nn.Module):
-    """One or more classifiers whose probabilities are averaged (k-fold models vote softly).
+    """One or more classifiers whose probabilities are averaged (k-fold models and the top trials
+    of a study vote softly), equally or with the given weights.
 
-    Returns log-probabilities, so softmax of the output is the mean of the members' probabilities;
-    a single model is an ensemble of one, and every saved model has this one format.
+    Returns log-probabilities, so softmax of the output is the (weighted) mean of the members'
+    probabilities; a single model is an ensemble of one, and every saved model has this one format.
     """
 
-    def __init__(self, members: list[Classifier]):
+    def __init__(self, members: list[Classifier], weights: list[float] | None = None):
         super().__init__()
         self.members = nn.ModuleList(members)
+        votes = [float(v) for v in weights] if weights is not None else [1.0] * len(members)
+        if len(votes) != len(members) or min(votes) < 0 or sum(votes) <= 0:
+            raise ValueError(f"ensemble weights {weights} do not fit {len(members)} members")
+        # Not in the state dict: config.json records the weights, so older files load unchanged.
+        self.weights: torch.Tensor
+        self.register_buffer("weights", torch.tensor([v / sum(votes) for v in votes]), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([F.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
-        return probs.clamp_min(1e-12).log()
+        probs = torch.stack([F.softmax(m(x).float(), dim=1) for m in self.members])
+        mean = (probs * self.weights[:, None, None]).sum(0)
+        return mean.clamp_min(1e-12).log()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -56,6 +57,30 @@ def confusion_matrix(matrix: np.ndarray, path: str | Path, cutoffs: AgeCutoffs =
                 fontsize=6,
                 color="white" if rates[i, j] > 0.5 else "black",
             )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def study_curves(curves: list[tuple[dict[int, float], str]], path: str | Path) -> Path:
+    """Every trial's validation macro-F1 per epoch: `(values by epoch, kind)` with kind `exported`,
+    `complete` or `pruned` (greyed)."""
+    style: dict[str, dict[str, Any]] = {
+        "pruned": {"color": "0.75", "lw": 0.8, "zorder": 1},
+        "complete": {"color": "tab:blue", "lw": 1.0, "alpha": 0.7, "zorder": 2},
+        "exported": {"color": "tab:red", "lw": 2.0, "zorder": 3},
+    }
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    shown = set()
+    for values, kind in sorted(curves, key=lambda c: int(style[c[1]]["zorder"])):
+        steps = sorted(values)
+        label = kind if kind not in shown else None
+        shown.add(kind)
+        ax.plot(steps, [values[s] for s in steps], "o-", ms=2.5, label=label, **style[kind])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val macro-F1")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

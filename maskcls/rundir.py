@@ -81,27 +81,36 @@ def preprocessing(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def write_model_dir(out: str | Path, cfg: TrainConfig, members: list[models.Classifier]) -> Path:
-    """model.safetensors (an Ensemble of `members`) and config.json (TrainConfig, classes, preprocessing)."""
+def write_model_dir(
+    out: str | Path,
+    cfg: TrainConfig,
+    members: list[models.Classifier],
+    recipes: list[TrainConfig] | None = None,
+    weights: list[float] | None = None,
+) -> Path:
+    """model.safetensors (an Ensemble of `members`) and config.json: the TrainConfig whose
+    preprocessing every member shares, the classes, the preprocessing, and for an ensemble of
+    different recipes each member's own config (`recipes`) and its vote's weight."""
     from safetensors.torch import save_file
 
     from maskcls import models
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ensemble = models.Ensemble(members)
+    ensemble = models.Ensemble(members, weights)
     state = {k: v.detach().cpu().contiguous() for k, v in ensemble.state_dict().items()}
     write_atomic(out / "model.safetensors", lambda p: save_file(state, str(p)))
     cutoffs = AgeCutoffs()
-    write_json(
-        out / "config.json",
-        {
-            "train_config": cfg.to_dict(),
-            "members": len(members),
-            "classes": {str(c): class_name(c, cutoffs) for c in range(NUM_CLASSES)},
-            "preprocessing": preprocessing(cfg),
-        },
-    )
+    config: dict[str, Any] = {
+        "train_config": cfg.to_dict(),
+        "members": len(members),
+        "weights": [round(float(w), 6) for w in ensemble.weights],
+        "classes": {str(c): class_name(c, cutoffs) for c in range(NUM_CLASSES)},
+        "preprocessing": preprocessing(cfg),
+    }
+    if recipes is not None:
+        config["member_configs"] = [r.to_dict() for r in recipes]
+    write_json(out / "config.json", config)
     return out
 
 
@@ -120,13 +129,19 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[T
         saved = json.loads((run_dir / "config.json").read_text())
         cfg = TrainConfig.from_dict(saved["train_config"])
         members = int(saved["members"])
+        recipes = [
+            TrainConfig.from_dict(r) for r in saved.get("member_configs") or [saved["train_config"]] * members
+        ]
+        weights = saved.get("weights")
+        if len(recipes) != members or (weights is not None and len(weights) != members):
+            raise ValueError(f"{members} members but {len(recipes)} member configs or weights")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise UserError(
             f"{run_dir / 'config.json'}: not a model config written by this project ({err})"
         ) from None
     # The saved weights replace whatever the backbone started from: no ImageNet download, no
     # weights file needed where a model is deployed.
-    architecture = dataclasses.replace(cfg.model, pretrained=None)
-    model = models.Ensemble([models.build(architecture) for _ in range(members)])
+    built = [models.build(dataclasses.replace(r.model, pretrained=None)) for r in recipes]
+    model = models.Ensemble(built, weights)
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     return cfg, model.to(device).eval()

@@ -143,18 +143,22 @@ def dashboard_server(spec, storage, artifacts, cwd, plain=False):
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(150):
-            try:
-                yield base, json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=2))
-                return
-            except OSError:
-                if server.poll() is not None:
-                    raise AssertionError(f"the dashboard exited: {server.stderr.read()}") from None
-                time.sleep(0.2)
-        raise AssertionError("the dashboard did not answer in 30 s")
+        yield base, _first_answer(server, f"{base}/api/studies")  # the test body's errors pass through
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def _first_answer(server, url):
+    """The server's first JSON answer: only start-up (connection refused, a slow first reply) is retried."""
+    for _ in range(150):
+        try:
+            return json.load(urllib.request.urlopen(url, timeout=2))
+        except OSError:
+            if server.poll() is not None:
+                raise AssertionError(f"the dashboard exited: {server.stderr.read()}") from None
+            time.sleep(0.2)
+    raise AssertionError("the dashboard did not answer in 30 s")
 
 
 def command_lines(containing: str) -> dict[int, str]:

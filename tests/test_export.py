@@ -133,6 +133,86 @@ def test_folds_export_an_ensemble_that_onnx_reproduces(exported, small_root):
     assert (expected.argmax(1) == got.argmax(1)).all() and np.abs(expected - got).max() < 1e-4
 
 
+def predict_eval(tmp, model_dir, root):
+    out = tmp / f"predicted-{model_dir.name}.csv"
+    command = [
+        sys.executable,
+        "-m",
+        "maskcls.predict",
+        str(model_dir),
+        "--eval-dir",
+        str(root),
+        "--out",
+        str(out),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert run.returncode == 0, run.stderr
+    return pd.read_csv(out)
+
+
+def test_top_k_exports_one_ensemble_of_distinct_trials_that_onnx_and_predict_agree_on(exported, small_root):
+    tmp, spec, storage, _ = exported
+    out = tmp / "top2"
+    done = export_best(
+        tmp, spec, storage, "--top-k", "2", "--holdout", "--weighting", "f1", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name="t", storage=open_storage(storage))
+    best_two = sorted(
+        (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: -t.value
+    )
+    assert best_two[0].params != best_two[1].params  # the fixture's two enqueued recipes differ
+    config = json.loads((out / "config.json").read_text())
+    assert config["members"] == 2 and len(config["member_configs"]) == 2
+    epochs = [c["train"]["epochs"] for c in config["member_configs"]]
+    assert epochs == [t.params["train.epochs"] for t in best_two[:2]]
+    assert config["weights"] == pytest.approx(
+        [t.value / (best_two[0].value + best_two[1].value) for t in best_two[:2]], abs=1e-5
+    )
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    members = metrics["members"]
+    assert [m["trial"] for m in members] == [t.number for t in best_two[:2]]
+    # Each member retrained on its own trial's split reproduces the trial (same seed and threads).
+    for member, trial in zip(members, best_two, strict=False):
+        assert member["retrain"] == pytest.approx(trial.value, abs=1e-9)
+    report = (out / "report.md").read_text()
+    for m in members:
+        assert f"| {m['trial']} | {m['search']:.4f} | {m['retrain']:.4f} | {m['weight']:.3f} |" in report
+    assert f"| ensemble | - | {metrics['val_macro_f1']:.4f} | 1.000 |" in report
+
+    expected, got = onnx_vs_torch(out, small_root)  # one graph holds both members
+    assert (expected.argmax(1) == got.argmax(1)).all() and np.abs(expected - got).max() < 1e-4
+    predicted = predict_eval(tmp, out, small_root)
+    assert (predicted["ans"].to_numpy() == got.argmax(1)).all()  # predict agrees on every eval image
+    assert predicted.equals(pd.read_csv(out / "submission.csv"))
+    assert study.user_attrs["export"]["members"] == [t.number for t in best_two[:2]]
+
+
+def test_top_k_refuses_zero_more_than_the_distinct_trials_and_folds(exported, tmp_path):
+    tmp, spec, storage, _ = exported
+    study = optuna.load_study(study_name="t", storage=open_storage(storage))
+    distinct = {json.dumps(t.params, sort_keys=True) for t in study.trials if t.state.name == "COMPLETE"}
+    checks = [
+        (("--top-k", "0"), "--top-k must be at least 1, got 0"),
+        (
+            ("--top-k", str(len(distinct) + 1)),
+            f"has only {len(distinct)} complete trials with distinct recipes",
+        ),
+        (("--top-k", "2", "--folds", "3"), "--top-k and --folds do not combine"),
+    ]
+    for args, message in checks:  # ours: exactly one line
+        done = export_best(tmp, spec, storage, *args, "--out", str(tmp_path / "x"))
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+        assert message in lines[0]
+    both = export_best(tmp, spec, storage, "--top-k", "2", "--trial", "0", "--out", str(tmp_path / "x"))
+    assert (
+        both.returncode == 2 and "argument --trial: not allowed with argument --top-k" in both.stderr
+    )  # argparse's
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_input_is_one_clear_error_exit_2_and_nothing_half_written(exported, tmp_path):
     tmp, spec, storage, out = exported
     checks = [
@@ -205,7 +285,8 @@ def test_a_plain_training_run_exports_without_a_study(tiny_cfg, tmp_path):
     trained = json.loads((run / "metrics.json").read_text())
     assert metrics["val_macro_f1"] == trained["val_macro_f1"] and metrics["onnx"]["max_abs_diff"] < 1e-4
     assert (
-        f"| run (its validation people) | {trained['val_macro_f1']:.4f} |" in (out / "report.md").read_text()
+        f"| run | {trained['val_macro_f1']:.4f} | the run's validation people |"
+        in (out / "report.md").read_text()
     )
     expected, got = onnx_vs_torch(out, cfg.data.root)
     assert (expected.argmax(1) == got.argmax(1)).all()

@@ -3,6 +3,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from maskcls import models
 from maskcls.config import ModelConfig
 from maskcls.errors import ConfigError
 from maskcls.models import build
@@ -44,3 +45,15 @@ def test_pretrained_weights_come_from_a_local_file(tmp_path):
     model = build(ModelConfig(name=TINY, pretrained=str(path)))
     assert torch.equal(model.backbone.conv_stem.weight, source.conv_stem.weight)
     assert not torch.equal(build(ModelConfig(name=TINY)).backbone.conv_stem.weight, source.conv_stem.weight)
+
+
+def test_an_ensemble_votes_with_its_weights():
+    torch.manual_seed(0)
+    a, b = (models.build(ModelConfig(name="mobilenetv3_small_050")).eval() for _ in range(2))
+    x = torch.randn(2, 3, 32, 24)
+    with torch.no_grad():
+        pa, pb = (torch.softmax(m(x), 1) for m in (a, b))
+        weighted = torch.softmax(models.Ensemble([a, b], [3.0, 1.0]).eval()(x), 1)
+    assert torch.allclose(weighted, 0.75 * pa + 0.25 * pb, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit 2 members"):
+        models.Ensemble([a, b], [1.0])

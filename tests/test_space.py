@@ -143,3 +143,25 @@ def test_a_bad_heartbeat_names_the_key(tmp_path, heartbeat, message):
         specs.load(str(path))
     path.write_text(yaml.safe_dump({"study": "s", "space": lr, "heartbeat": {"outage": 60, "max_retry": 0}}))
     assert specs.load(str(path)).heartbeat.outage == 60
+
+
+def test_objectives_give_the_study_its_directions_and_no_pruner(tmp_path):
+    lr = {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"study": "s", "space": lr, "objectives": ["val_macro_f1", "params_m"]}))
+    two = specs.load(str(path))
+    assert two.multi and two.directions == ["maximize", "minimize"] and two.pruner.name == "none"
+    path.write_text(yaml.safe_dump({"study": "s", "space": lr}))
+    one = specs.load(str(path))
+    assert not one.multi and one.directions == ["maximize"] and one.pruner.name == "hyperband"
+
+
+def test_the_patient_pruner_stops_a_trial_three_epochs_below_its_best():
+    spec_pruner = specs.PRUNERS["patient"](5)  # patience 2: its best epoch plus 2 more may pass
+    study = optuna.create_study(direction="maximize", pruner=spec_pruner)
+    trial = study.ask()
+    decisions = []
+    for epoch, value in enumerate([0.30, 0.20, 0.25, 0.22], start=1):
+        trial.report(value, epoch)
+        decisions.append(trial.should_prune())
+    assert decisions == [False, False, False, True]
