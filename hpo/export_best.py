@@ -289,7 +289,7 @@ def study_sections(study: optuna.Study, exported: set[int], folder: Path) -> lis
     if curves:
         plots.study_curves(curves, folder / "study_curves.png")
         lines += ["", "![study learning curves](study_curves.png)"]
-    lines += ["", "Parameter importances (optuna.importance, PED-ANOVA over the complete trials):", ""]
+    lines += ["", "Parameter importances (optuna.importance with its default evaluator, PED-ANOVA):", ""]
     try:
         with quiet_experimental():
             importances = optuna.importance.get_param_importances(study)

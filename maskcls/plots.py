@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from maskcls.labels import NUM_CLASSES, AgeCutoffs, class_name  # noqa: E402
 
@@ -79,6 +80,7 @@ def study_curves(curves: list[tuple[dict[int, float], str]], path: str | Path) -
         shown.add(kind)
         ax.plot(steps, [values[s] for s in steps], "o-", ms=2.5, label=label, **style[kind])
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("val macro-F1")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

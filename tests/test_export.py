@@ -111,6 +111,28 @@ def test_export_runs_in_a_fresh_process_and_onnx_agrees(exported, small_root):
     assert list((tmp / "artifacts").rglob("*"))  # the zipped export is a study artifact
 
 
+def test_the_report_shows_the_study_the_recipe_and_what_each_figure_was_measured_on(exported, small_root):
+    tmp, spec, storage, out = exported
+    report = (out / "report.md").read_text()
+    study = optuna.load_study(study_name="t", storage=open_storage(storage))
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    pruned = sum(t.state.name == "PRUNED" for t in finished)
+    assert f"{len(finished)} finished trials ({pruned} pruned)" in report and pruned > 0
+    assert "![study learning curves](study_curves.png)" in report
+    assert (out / "study_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "- `optim.lr`: " in report and "- `train.epochs`: " in report  # the two searched parameters
+    recipe = (
+        report.split("## Complete recipe (fixed and searched values)")[1].split("```json")[1].split("```")[0]
+    )
+    assert json.loads(recipe) == json.loads((out / "config.json").read_text())["train_config"]
+    images = len(pd.read_csv(small_root / "eval" / "gt.csv"))
+    assert f"| the data root's eval set: {images} images (about {images // 7} people) |" in report
+    assert (
+        "| study best value | " in report
+        and "| the search's validation people (30% of the training" in report
+    )
+
+
 def test_holdout_reproduces_the_trials_validation_f1(exported):
     tmp, spec, storage, _ = exported
     done = export_best(tmp, spec, storage, "--holdout", "--out", str(tmp / "holdout"))
