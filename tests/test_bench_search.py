@@ -20,7 +20,9 @@ def bench(script, *args, cwd):
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
-def test_curves_record_every_epoch_of_each_configuration_and_continue_where_they_stopped(small_root, tmp_path):
+def test_curves_record_every_epoch_of_each_configuration_and_continue_where_they_stopped(
+    small_root, tmp_path
+):
     spec = write_spec(tmp_path, small_root, epochs=[2])
     raw = yaml.safe_load(spec.read_text())
     raw["fixed"]["train.epochs"] = 2
@@ -35,11 +37,15 @@ def test_curves_record_every_epoch_of_each_configuration_and_continue_where_they
     assert json.loads(rows["params"][0]) == {"optim.lr": 3e-3}  # the spec's first recipe comes first
     assert rows["val_macro_f1"].between(0, 1).all() and (rows["epoch_s"] > 0).all()
     made = json.loads(table.with_suffix(".json").read_text())
-    assert made["configs"] == 2 and made["epochs"] == 2 and made["command"].startswith("python bench/curves.py")
+    assert (
+        made["configs"] == 2 and made["epochs"] == 2 and made["command"].startswith("python bench/curves.py")
+    )
 
     more = bench("curves.py", "--study", str(spec), "--configs", "3", "--out", str(table), cwd=tmp_path)
     assert more.returncode == 0, more.stderr
-    assert [line.split(":")[0] for line in more.stdout.splitlines() if line.startswith("config")] == ["config 3/3"]
+    assert [line.split(":")[0] for line in more.stdout.splitlines() if line.startswith("config")] == [
+        "config 3/3"
+    ]
     again = pd.read_csv(table)
     assert again[again["config"] < 2].equals(rows) and list(again["config"]).count(2) == 2
 
@@ -48,7 +54,9 @@ def test_the_replay_prints_its_table_and_the_shipped_defaults_against_random_sea
     done = bench("search_replay.py", "--seeds", "2", "--only", "random + median", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    names = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and "---" not in line]
+    names = [
+        line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and "---" not in line
+    ]
     assert names[1:] == [
         "shipped: tpe (n_startup_trials 4, group False) + hyperband (min_resource 1, reduction_factor 3)",
         "random + median",
