@@ -45,6 +45,9 @@ class ModelConfig:
     head: Literal["single", "multi"] = "single"  # multi: mask, gender and age heads combined
     dropout: float = 0.0
     dropout_samples: int = 1  # > 1: multi-sample dropout, mean of several dropout masks
+    # > 0: an age head (age in years / 100, smooth L1, this weight) trains beside the classifier;
+    # it only trains: predict, export and ONNX return the 18 classes as without it
+    age_aux_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         (0.2 <= cfg.data.center_crop <= 1, "data.center_crop must be in [0.2, 1]"),
         (0 < cfg.data.young_age < cfg.data.old_age, "data ages: need 0 < young_age < old_age"),
         (0 < cfg.data.val_ratio < 1, "data.val_ratio must be in (0, 1)"),
+        (cfg.model.age_aux_weight >= 0, "model.age_aux_weight must be at least 0 (0 disables the age head)"),
         (cfg.data.folds >= 2, "data.folds must be at least 2"),
         (cfg.data.fold is None or 0 <= cfg.data.fold < cfg.data.folds, "data.fold must be in 0..folds-1"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),

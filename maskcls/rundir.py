@@ -87,17 +87,19 @@ def write_model_dir(
     members: list[models.Classifier],
     recipes: list[TrainConfig] | None = None,
     weights: list[float] | None = None,
+    biases: list[float] | None = None,
 ) -> Path:
     """model.safetensors (an Ensemble of `members`) and config.json: the TrainConfig whose
     preprocessing every member shares, the classes, the preprocessing, and for an ensemble of
-    different recipes each member's own config (`recipes`) and its vote's weight."""
+    different recipes each member's own config (`recipes`) and its vote's weight, and the decision
+    biases when they were fitted (maskcls.calibrate)."""
     from safetensors.torch import save_file
 
     from maskcls import models
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ensemble = models.Ensemble(members, weights)
+    ensemble = models.Ensemble(members, weights, biases)
     state = {k: v.detach().cpu().contiguous() for k, v in ensemble.state_dict().items()}
     write_atomic(out / "model.safetensors", lambda p: save_file(state, str(p)))
     cutoffs = AgeCutoffs()
@@ -105,6 +107,7 @@ def write_model_dir(
         "train_config": cfg.to_dict(),
         "members": len(members),
         "weights": [round(float(w), 6) for w in ensemble.weights],
+        "biases": [float(b) for b in ensemble.biases],
         "classes": {str(c): class_name(c, cutoffs) for c in range(NUM_CLASSES)},
         "preprocessing": preprocessing(cfg),
     }
@@ -132,9 +135,11 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[T
         recipes = [
             TrainConfig.from_dict(r) for r in saved.get("member_configs") or [saved["train_config"]] * members
         ]
-        weights = saved.get("weights")
+        weights, biases = saved.get("weights"), saved.get("biases")
         if len(recipes) != members or (weights is not None and len(weights) != members):
             raise ValueError(f"{members} members but {len(recipes)} member configs or weights")
+        if biases is not None and len(biases) != NUM_CLASSES:
+            raise ValueError(f"{len(biases)} decision biases for {NUM_CLASSES} classes")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise UserError(
             f"{run_dir / 'config.json'}: not a model config written by this project ({err})"
@@ -142,6 +147,6 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[T
     # The saved weights replace whatever the backbone started from: no ImageNet download, no
     # weights file needed where a model is deployed.
     built = [models.build(dataclasses.replace(r.model, pretrained=None)) for r in recipes]
-    model = models.Ensemble(built, weights)
+    model = models.Ensemble(built, weights, biases)
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     return cfg, model.to(device).eval()

@@ -126,7 +126,7 @@ class DeviceData:
     images: DeviceImages  # every image of the table, uint8
     train_rows: torch.Tensor  # rows of `images` to train on
     val_rows: torch.Tensor
-    train_targets: torch.Tensor  # one-hot float [n_train, 18] of the training labels
+    train_targets: torch.Tensor  # one-hot float [n_train, 18] of the training labels (+ age / 100)
     val_targets: torch.Tensor  # one-hot float [n_val, 18] of the competition's classes
 
 
@@ -137,10 +137,18 @@ def device_image_count(cfg: TrainConfig, data: TrainData) -> int:
 
 
 def to_device(
-    data: TrainData, device: torch.device, channels_last: bool, every_image: bool = True
+    data: TrainData, device: torch.device, channels_last: bool, every_image: bool = True, ages: bool = False
 ) -> DeviceData:
+    """With `ages`, the training targets carry age / 100 as a 19th column: CutMix and Mixup then mix
+    it with the classes, and the age head learns the mixed age."""
+
     def one_hot(labels: np.ndarray) -> torch.Tensor:
         return F.one_hot(torch.as_tensor(labels, device=device), NUM_CLASSES).float()
+
+    train_targets = one_hot(data.table["train_label"].to_numpy()[data.train_rows])
+    if ages:
+        age = torch.as_tensor(data.table["age"].to_numpy()[data.train_rows] / 100, device=device)
+        train_targets = torch.cat([train_targets, age.float()[:, None]], dim=1)
 
     images, train_rows, val_rows = data.images, data.train_rows, data.val_rows
     if not every_image:  # validation images only, at positions 0..n_val
@@ -149,7 +157,7 @@ def to_device(
         images=DeviceImages(images, device, channels_last),
         train_rows=torch.as_tensor(train_rows, device=device),
         val_rows=torch.as_tensor(val_rows, device=device),
-        train_targets=one_hot(data.table["train_label"].to_numpy()[data.train_rows]),
+        train_targets=train_targets,
         val_targets=one_hot(data.table["label"].to_numpy()[data.val_rows]),
     )
 
@@ -240,10 +248,35 @@ def setup(cfg: TrainConfig, data: TrainData, device: torch.device) -> Parts:
         schedule=build_schedule(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch, cfg.train.epochs),
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         amp=amp,
-        on=to_device(data, device, cfg.train.channels_last, every_image=cfg.augment.backend == "device"),
+        on=to_device(
+            data,
+            device,
+            cfg.train.channels_last,
+            every_image=cfg.augment.backend == "device",
+            ages=cfg.model.age_aux_weight > 0,
+        ),
         draws=draws,
         epoch_size=epoch_size,
         n_batches=n_batches,
+    )
+
+
+def step_loss(
+    model: models.Classifier,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: losses.Loss,
+    cfg: TrainConfig,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """A batch's training loss: the classes', plus the age head's when model.age_aux_weight > 0
+    (the targets' last column is then age / 100)."""
+    weight = cfg.model.age_aux_weight
+    if not weight:
+        return loss_fn(forward(x), targets)
+    scores, age = model.forward_with_age(x)
+    return loss_fn(scores, targets[:, :NUM_CLASSES]) + weight * F.smooth_l1_loss(
+        age.float(), targets[:, NUM_CLASSES]
     )
 
 
@@ -398,7 +431,7 @@ def fit(
         bar = tqdm(batches, total=p.n_batches, desc=f"epoch {epoch}", leave=False, disable=not progress)
         for step, (x, targets) in enumerate(bar, start=1):
             with p.amp():
-                loss = p.loss_fn(p.forward(x), targets)
+                loss = step_loss(p.model, p.forward, p.loss_fn, cfg, x, targets)
             p.scaler.scale(loss / cfg.train.accumulate).backward()
             loss_sum += loss.detach()
             if step % cfg.train.accumulate == 0 or step == p.n_batches:

@@ -19,7 +19,7 @@ from maskcls.config import LossConfig, ModelConfig
 from maskcls.data.batches import DeviceImages
 from maskcls.infer import predict_probs
 from maskcls.labels import NUM_CLASSES
-from maskcls.train import Draws, epoch_batches, evaluate, load_data, to_device
+from maskcls.train import Draws, epoch_batches, evaluate, load_data, step_loss, to_device
 
 
 def host_draws(seed=0):
@@ -64,6 +64,7 @@ CHOICES = [
     {"augment.policy": "none", "sampler.name": "none"},
     {"augment.cutmix_p": 1.0},
     {"augment.mixup_p": 1.0, "train.channels_last": False},
+    {"model.age_aux_weight": 0.5, "augment.cutmix_p": 1.0},
 ]
 
 
@@ -74,13 +75,15 @@ def test_a_training_epoch_copies_only_its_order_to_the_device(tiny_cfg, data, ch
     cfg = tiny_cfg.override(choice)
     counts = np.bincount(data.table["train_label"], minlength=NUM_CLASSES)
     with fake_cuda():
-        on = to_device(data, CUDA, cfg.train.channels_last)
+        on = to_device(data, CUDA, cfg.train.channels_last, ages=cfg.model.age_aux_weight > 0)
         model = build_on_cuda(cfg.model).train()
         loss_fn = losses.build(cfg.loss, counts, CUDA)
         with Traffic() as traffic:
             steps = 0
             for x, targets in epoch_batches(cfg, data, on, host_draws()):
-                loss = loss_fn(model(x), targets)  # the step's forward and loss; backward needs a GPU
+                loss = step_loss(
+                    model, model, loss_fn, cfg, x, targets
+                )  # forward and loss; backward needs a GPU
                 assert on_cuda(x, targets, loss)
                 steps += 1
     assert steps == -(-len(data.train_rows) // cfg.train.batch_size) or cfg.sampler.name != "none"

@@ -322,3 +322,35 @@ def test_a_plain_training_run_exports_without_a_study(tiny_cfg, tmp_path):
     )
     assert not_a_run.returncode == 2 and "not a run or export directory" in not_a_run.stderr
     assert not (tmp_path / "x").exists() and "Traceback" not in not_a_run.stderr
+
+
+def test_decision_biases_are_baked_into_the_onnx_graph_and_predict_agrees(tiny_cfg, tmp_path):
+    from maskcls.export import complete, run_info
+    from maskcls.rundir import write_model_dir
+    from maskcls.train import fit, load_data
+
+    cfg = tiny_cfg.override({"train.epochs": 1})
+    result = fit(cfg, load_data(cfg, progress=False), "cpu")
+    plain, biased = tmp_path / "plain", tmp_path / "biased"
+    biases = [0.0] * 18
+    biases[2], biases[17] = 2.5, 3.0  # pushes decisions to two 60+ classes
+    for folder, b in ((plain, None), (biased, biases)):
+        write_model_dir(folder, cfg, [result.model], biases=b)
+        complete(folder, cfg.data.root, torch.device("cpu"), run_info(folder))
+    assert json.loads((biased / "config.json").read_text())["biases"] == biases
+    p_plain, _ = onnx_vs_torch(plain, cfg.data.root)
+    expected, got = onnx_vs_torch(biased, cfg.data.root)
+    assert (expected.argmax(1) == got.argmax(1)).all() and np.abs(expected - got).max() < 1e-4
+    shifted = np.log(p_plain + 1e-12) + np.array(biases)  # the graph applies exactly these biases
+    assert (got.argmax(1) == shifted.argmax(1)).all() and (got.argmax(1) != p_plain.argmax(1)).any()
+    predicted = predict_eval(tmp_path, biased, cfg.data.root)
+    assert (predicted["ans"].to_numpy() == got.argmax(1)).all()
+
+
+def test_calibrating_without_held_out_predictions_is_one_clear_error(exported, tmp_path):
+    tmp, spec, storage, _ = exported
+    done = export_best(tmp, spec, storage, "--calibrate", "bias", "--out", str(tmp_path / "x"))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: --calibrate bias fits decision biases on held-out predictions")
+    assert not (tmp_path / "x").exists()

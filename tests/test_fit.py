@@ -31,6 +31,11 @@ CHOICES = (
         {"augment.cutmix_p": 1.0},
         {"augment.mixup_p": 1.0},
     ]
+    + [
+        {"model.age_aux_weight": 0.5},
+        {"model.age_aux_weight": 1.0, "model.head": "multi", "augment.mixup_p": 1.0},
+        {"model.age_aux_weight": 0.5, "augment.backend": "albumentations"},
+    ]
 )
 
 
@@ -174,3 +179,29 @@ def test_a_moved_age_cutoff_changes_training_labels_not_validation_labels(tiny_c
     assert changed.any() and (shifted.table.loc[changed, "age"].between(45, 59)).all()
     result = fit(moved, shifted, "cpu")
     assert np.array_equal(result.val_labels, standard.table["label"].to_numpy()[standard.val_rows])
+
+
+def test_the_age_head_trains_and_leaves_the_exported_output_as_it_was(tiny_cfg, tmp_path):
+    import torch
+
+    from maskcls import models
+    from maskcls.export import check_onnx, export_onnx
+
+    cfg = tiny_cfg.override({"model.age_aux_weight": 1.0, "train.epochs": 2})
+    data = load_data(cfg, progress=False)
+    torch.manual_seed(cfg.data.seed)
+    untrained = models.build(cfg.model)
+    result = fit(cfg, data, "cpu")
+    assert result.model.age is not None
+    assert not torch.equal(result.model.age.weight, untrained.age.weight)  # it learned from the ages
+    run = save_run(tmp_path / "run", cfg, result)
+    _, model = load_run(run)
+    x = torch.zeros(3, 3, *cfg.data.image_size)
+    with torch.no_grad():
+        assert model(x).shape == (3, 18)
+    check = check_onnx(export_onnx(model, cfg.data.image_size, tmp_path / "m.onnx"), model, data.images[:20])
+    assert check.argmax_agree == 20 and check.max_abs_diff < 1e-4
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.shape[1] for o in session.get_outputs()] == [18]  # one output, the 18 classes
