@@ -30,10 +30,11 @@ from maskcls import memory, plots
 from maskcls.checkpoint import CheckpointFile
 from maskcls.config import TrainConfig
 from maskcls.infer import autocast, cpu_latency_ms
-from maskcls.labels import AgeCutoffs
+from maskcls.labels import NUM_CLASSES, class_name
 from maskcls.metrics import confusion
 from maskcls.train import Diverged, EpochMetrics, FitResult, device_image_count, fit, load_data
 
+CLASS_NAMES = [class_name(c) for c in range(NUM_CLASSES)]  # the competition's cutoffs, as scored
 MEMORY_WAIT_S = 3600  # how long a trial waits for GPU memory held by the trials beside it
 # Failures that say nothing about the recipe: they do not count towards a worker's failure streak.
 SURPLUS, WAITED = "surplus", "waited for GPU memory"
@@ -67,6 +68,12 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def validated_list(values: list[float] | None) -> list[float]:
+    if values is None:
+        raise RuntimeError("the trial ran without validation people")
+    return values
 
 
 def validated(value: float | None) -> float:
@@ -237,7 +244,8 @@ def _record(
     best = result.history[result.best_epoch - 1]
     for key, value in {
         Attr.BEST_EPOCH: result.best_epoch,
-        Attr.PER_CLASS_F1: best.val_per_class_f1,
+        Attr.PER_CLASS_F1: dict(zip(CLASS_NAMES, validated_list(best.val_per_class_f1), strict=True)),
+        Attr.ATTRIBUTE_ACCURACY: best.val_attribute_accuracy,
         Attr.VAL_ACCURACY: round(validated(best.val_accuracy), 4),
         Attr.IMAGES_PER_S: round(result.images_per_s, 1),
         Attr.WALL_S: round(result.wall_s, 1),
@@ -250,14 +258,20 @@ def _record(
     predicted = np.asarray(result.val_probs).argmax(1)
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        cutoffs = AgeCutoffs(cfg.data.young_age, cfg.data.old_age)
+        # Validation is scored in the competition's classes, whatever cutoffs trained the model.
         files = [
             plots.learning_curves([m.to_dict() for m in result.history], tmp / "learning_curves.png"),
-            plots.confusion_matrix(
-                confusion(result.val_labels, predicted), tmp / "confusion_matrix.png", cutoffs
-            ),
+            plots.confusion_matrix(confusion(result.val_labels, predicted), tmp / "confusion_matrix.png"),
         ]
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        files.append(tmp / "config.json")
+        scores = {
+            "best_epoch": result.best_epoch,
+            "val_macro_f1": best.val_macro_f1,
+            "per_class_f1": dict(zip(CLASS_NAMES, validated_list(best.val_per_class_f1), strict=True)),
+            "attribute_accuracy": best.val_attribute_accuracy,
+            "history": [m.to_dict() for m in result.history],
+        }
+        (tmp / "metrics.json").write_text(json.dumps(scores, indent=2))
+        files += [tmp / "config.json", tmp / "metrics.json"]
         for path in files:
             upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)

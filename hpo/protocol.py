@@ -35,7 +35,8 @@ class Attr:
     RETRIED_FROM = "retried_from"  # on a re-queued trial: the number of the trial it retries
     RESUMED_AT = "resumed_at_epoch"  # the epoch of the checkpoint a retried trial continued from
     BEST_EPOCH = "best_epoch"
-    PER_CLASS_F1 = "per_class_f1"
+    PER_CLASS_F1 = "per_class_f1"  # class name -> F1 at the best epoch
+    ATTRIBUTE_ACCURACY = "attribute_accuracy"  # mask, gender, age_band -> accuracy at the best epoch
     VAL_ACCURACY = "val_accuracy"
     IMAGES_PER_S = "images_per_s"
     WALL_S = "wall_s"

@@ -38,7 +38,7 @@ from maskcls.data.layout import scan, scan_eval
 from maskcls.errors import UserError
 from maskcls.infer import pick_device
 from maskcls.labels import NUM_CLASSES, class_name
-from maskcls.metrics import confusion, macro_f1, per_class_f1
+from maskcls.metrics import attribute_accuracy, confusion, macro_f1, per_class_f1
 from maskcls.predict import submission
 from maskcls.rundir import building, load_run, write_csv, write_json
 
@@ -88,6 +88,7 @@ class ExportFigures:
     eval_images: int | None = None  # how many eval/gt.csv scores
     scored_on: str | None = None  # what per_class_f1 was measured on
     per_class_f1: list[float] | None = None
+    attribute_accuracy: dict[str, float] | None = None  # mask, gender, age_band, on the same images
 
     def to_dict(self, facts: dict[str, Any]) -> dict[str, Any]:
         values = {"mode": self.mode, "onnx": dataclasses.asdict(self.onnx)}
@@ -167,6 +168,7 @@ def complete(model_dir: Path, data_root: str, device: torch.device, info: Export
     if scored is not None:
         labels, predicted, figures.scored_on = scored
         figures.per_class_f1 = per_class_f1(labels, predicted).round(4).tolist()
+        figures.attribute_accuracy = attribute_accuracy(labels, predicted)
         plots.confusion_matrix(confusion(labels, predicted), model_dir / "confusion_matrix.png")
     write_json(model_dir / "metrics.json", figures.to_dict(info.facts))
     (model_dir / "report.md").write_text(report(info, figures))
@@ -214,6 +216,9 @@ def report(info: ExportInfo, f: ExportFigures) -> str:
             f"| {c} | {class_name(c)} | {v:.4f} |"
             for c, v in zip(range(NUM_CLASSES), f.per_class_f1, strict=True)
         ]
+        if f.attribute_accuracy:
+            shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in f.attribute_accuracy.items())
+            lines += ["", f"Accuracy per attribute: {shown}."]
         lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
     lines += info.sections
     if info.params:

@@ -28,3 +28,11 @@ def per_class_f1(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Unweighted mean over all 18 classes."""
     return float(per_class_f1(y_true, y_pred).mean())
+
+
+def attribute_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """How often each attribute of the class is right (class = mask * 6 + gender * 3 + age_band):
+    where the 18 classes lose, mask, gender or the age band."""
+    t, p = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    parts = {"mask": lambda c: c // 6, "gender": lambda c: c // 3 % 2, "age_band": lambda c: c % 3}
+    return {name: round(float((part(t) == part(p)).mean()), 4) for name, part in parts.items()}

@@ -36,7 +36,7 @@ from maskcls.data.split import holdout, kfold
 from maskcls.errors import UserError
 from maskcls.infer import Autocast, autocast, pick_device, predict_probs
 from maskcls.labels import NUM_CLASSES, AgeCutoffs, age_band, encode
-from maskcls.metrics import macro_f1, per_class_f1
+from maskcls.metrics import attribute_accuracy, macro_f1, per_class_f1
 from maskcls.optim import Schedule, build_optimizer, build_schedule
 from maskcls.rundir import write_json, write_model_dir
 from maskcls.runtime import configure_cpu
@@ -74,6 +74,7 @@ class EpochMetrics:
     val_macro_f1: float | None = None
     val_accuracy: float | None = None
     val_per_class_f1: list[float] | None = None
+    val_attribute_accuracy: dict[str, float] | None = None  # mask, gender, age_band
 
     def to_dict(self) -> dict[str, Any]:
         """As metrics.json records it: the validation keys only when measured."""
@@ -309,6 +310,7 @@ def epoch_metrics(
             val_macro_f1=macro_f1(val_labels, predicted),
             val_accuracy=float((predicted == val_labels).mean()),
             val_per_class_f1=per_class_f1(val_labels, predicted).round(4).tolist(),
+            val_attribute_accuracy=attribute_accuracy(val_labels, predicted),
         )
     return EpochMetrics(**figures, seconds=time.perf_counter() - tick), probs
 

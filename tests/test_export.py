@@ -1,6 +1,7 @@
 """hpo.export-best end to end on the finished test study: retrain, export, check, predict."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -131,6 +132,8 @@ def test_the_report_shows_the_study_the_recipe_and_what_each_figure_was_measured
         "| study best value | " in report
         and "| the search's validation people (30% of the training" in report
     )
+    shown = r"Accuracy per attribute: mask [01]\.\d{4}, gender [01]\.\d{4}, age band [01]\.\d{4}\."
+    assert re.search(shown, report)
 
 
 def test_holdout_reproduces_the_trials_validation_f1(exported):

@@ -24,3 +24,15 @@ def test_numpy_metrics_equal_scikit_learns(seed):
 def test_a_class_never_seen_nor_predicted_scores_zero():
     assert per_class_f1(np.array([0, 0]), np.array([0, 0])).tolist() == [1.0] + [0.0] * 17
     assert macro_f1(np.array([0, 0]), np.array([0, 0])) == pytest.approx(1 / 18)
+
+
+def test_attribute_accuracy_tells_which_part_of_the_class_was_wrong():
+    from maskcls.metrics import attribute_accuracy
+
+    # 17 = not_wear/female/60+; 14 = not_wear/male/60+ (gender wrong); 16 = not_wear/female/30-59 (age wrong)
+    assert attribute_accuracy(np.array([17, 17]), np.array([14, 16])) == {
+        "mask": 1.0,
+        "gender": 0.5,
+        "age_band": 0.5,
+    }
+    assert attribute_accuracy(np.array([0]), np.array([6])) == {"mask": 0.0, "gender": 1.0, "age_band": 1.0}

@@ -53,7 +53,14 @@ def test_two_workers_reach_exactly_n_with_reports_and_pruning(finished_study):
                 "device",
                 "host",
             } <= set(trial.user_attrs)
-            assert len(trial.user_attrs["per_class_f1"]) == 18
+            assert (
+                len(trial.user_attrs["per_class_f1"]) == 18
+                and "not_wear/female/60+" in trial.user_attrs["per_class_f1"]
+            )
+            accuracy = trial.user_attrs["attribute_accuracy"]
+            assert set(accuracy) == {"mask", "gender", "age_band"} and all(
+                0 <= v <= 1 for v in accuracy.values()
+            )
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert len(workers) == 2  # both workers ran trials
     assert "study t: 5/5 finished" in out and "python -m hpo.dashboard --study" in out
@@ -75,10 +82,21 @@ def test_dashboard_serves_the_study_and_its_artifacts(finished_study):
         assert len(detail["trials"]) == 5
         complete = next(t for t in detail["trials"] if t["state"] == "Complete")
         names = {a["filename"]: a["artifact_id"] for a in complete["artifacts"]}
-        assert {"learning_curves.png", "confusion_matrix.png", "config.json"} <= set(names)
+        assert {"learning_curves.png", "confusion_matrix.png", "config.json", "metrics.json"} <= set(names)
         trial_url = f"{base}/artifacts/{summary['study_id']}/{complete['trial_id']}"
         config = json.load(urllib.request.urlopen(f"{trial_url}/{names['config.json']}", timeout=5))
         assert config["model"]["name"] == "mobilenetv3_small_050"
+        scores = json.load(urllib.request.urlopen(f"{trial_url}/{names['metrics.json']}", timeout=5))
+        stored = next(t for t in load(storage).trials if t.number == complete["number"])
+        assert (
+            scores["per_class_f1"] == stored.user_attrs["per_class_f1"]
+            and scores["val_macro_f1"] == stored.value
+        )
+        assert len(scores["per_class_f1"]) == 18 and set(scores["attribute_accuracy"]) == {
+            "mask",
+            "gender",
+            "age_band",
+        }
         png = urllib.request.urlopen(f"{trial_url}/{names['learning_curves.png']}", timeout=5).read()
         assert png.startswith(b"\x89PNG")
 
