@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = specs.load(args.study)
     url = resolve_url(args.storage, spec)
-    storage = open_storage(url)
+    storage = open_storage(url, existing=True)
     artifacts = artifacts_dir(args.artifacts, spec.runs_dir)
     if not artifacts.is_dir():
         raise UserError(

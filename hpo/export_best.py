@@ -429,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_out(out, args.force)
     url = resolve_url(args.storage, spec)
     try:
-        study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+        study = optuna.load_study(study_name=spec.name, storage=open_storage(url, existing=True))
     except KeyError:
         raise UserError(
             f"no study {spec.name!r} in {masked(url)}; run `python -m hpo.run --study {args.study}`"

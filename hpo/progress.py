@@ -3,6 +3,7 @@ CI, `docker compose logs`), nothing with --no-progress; and the summary of the s
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,9 +12,9 @@ from typing import NamedTuple
 import optuna
 from tqdm import tqdm
 
-from hpo.protocol import Attr, ranked
+from hpo.protocol import Attr, artifacts_dir, ranked
 from hpo.spec import STUDIES_DIR, StudySpec
-from hpo.storage import counts, masked
+from hpo.storage import counts, masked, resolve_url
 
 RUNNING = optuna.trial.TrialState.RUNNING
 
@@ -101,14 +102,21 @@ def summary(study: optuna.Study, target: int, spec: StudySpec, url: str, artifac
             epoch = t.user_attrs.get(Attr.BEST_EPOCH, "-")
             values = "".join(f" {v:14.4g}" for v in t.values[1:])
             lines.append(f"{t.number:6d} {t.values[0]:12.4f}{values} {epoch!s:>5s} {peak_gib:>8s}  {params}")
-    study_arg = spec.name if spec.path.parent == STUDIES_DIR else spec.path
-    lines += [
-        "",
-        "dashboard:",
-        f"  python -m hpo.dashboard --study {study_arg}",
-        f"  optuna-dashboard {masked(url)} --artifact-dir {artifacts}",
-    ]
+    lines += ["", "dashboard:", f"  {dashboard_command(spec, url, artifacts)}"]
     return "\n".join(lines)
+
+
+def dashboard_command(spec: StudySpec, url: str, artifacts: Path) -> str:
+    """`hpo.dashboard` on this very storage and artifact store, runnable as printed: the full path of
+    this interpreter (no activated environment needed) and the storage unless it resolves by itself
+    (a password shows as ***: put the URL in $HPO_STORAGE instead)."""
+    study = spec.name if spec.path.parent == STUDIES_DIR else str(spec.path)
+    words = [sys.executable, "-m", "hpo.dashboard", "--study", study]
+    if url != resolve_url(None, spec):
+        words += ["--storage", masked(url)]
+    if artifacts != artifacts_dir(None, spec.runs_dir):
+        words += ["--artifacts", str(artifacts)]
+    return shlex.join(words)
 
 
 def _short(value: object) -> str:

@@ -70,10 +70,13 @@ def open_storage(
     tuned: bool = True,
     on_outage: OnOutage | None = None,
     wait: bool = False,
+    existing: bool = False,
 ) -> ResilientStorage:
     """A storage that waits out outages (ResilientStorage), or UserError naming the (masked) URL
     and the reason it cannot be used. With `wait`, a server that is down now is waited for too
-    (a worker restarted during an outage); otherwise that is an error at once (a wrong URL)."""
+    (a worker restarted during an outage); otherwise that is an error at once (a wrong URL). With
+    `existing`, a SQLite file that is not there is an error, not a new empty database (commands
+    that only read a study)."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -82,6 +85,8 @@ def open_storage(
             "postgresql+psycopg://user:password@host/db)"
         ) from None
     database = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if existing and database and database != ":memory:" and not Path(database).is_file():
+        raise UserError(f"no study database at {database}: run the study first, or pass --storage")
     outage_s = heartbeat.outage if heartbeat is not None else OUTAGE_S
     try:
         if database and database != ":memory:" and tuned:

@@ -29,6 +29,19 @@ if TYPE_CHECKING:  # torch and the models load only where a model directory is w
     from maskcls import models
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable(path: Path) -> None:
+    """The permissions a plain `open` or `mkdir` gives under the umask (0644 / 0755 by default):
+    temporary files and folders start private (0600 / 0700), and a serving container running as
+    another user must still read what we write."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """`write(tmp)` fills a temporary name beside `path`, which is then renamed into place: a
     reader sees the old file or the whole new one, never half of it."""
@@ -36,6 +49,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        readable(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -54,6 +68,8 @@ def building(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
+        for path in [tmp, *tmp.rglob("*")]:
+            readable(path)
         old = out.with_name(f".{out.name}.old.{os.getpid()}")
         if out.exists():
             out.rename(old)

@@ -27,11 +27,20 @@ def test_synth_names_the_folder_it_cannot_create(tmp_path):
     assert code == 2 and f"{blocker / 'data'}: cannot create it there" in err and "Traceback" not in err
 
 
-def test_a_file_system_error_on_a_user_path_is_one_line(tmp_path):
+def test_a_data_root_that_is_a_file_is_one_problem_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code, err = run("maskcls.data.check", str(blocker))
-    assert code == 2 and "Traceback" not in err
+    done = subprocess.run(
+        [sys.executable, "-m", "maskcls.data.check", str(blocker)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr == ""  # nothing to decode, no progress bar
+    assert done.stdout.splitlines() == [
+        f"problem: {blocker}: data root is a file, not a folder (pass the folder holding train/)",
+        f"1 problem(s) found in {blocker}",
+    ]
 
 
 @pytest.mark.slow
@@ -54,3 +63,15 @@ def test_dashboard_on_a_busy_port_says_so(finished_study):
             timeout=60,
         )
     assert code == 2 and f"cannot serve on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_the_dashboard_and_export_refuse_a_missing_sqlite_file_and_create_nothing(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("study: s\nspace: {optim.lr: {type: float, low: 0.001, high: 0.01}}\n")
+    missing = tmp_path / "runs" / "nothing.db"
+    for command in (["hpo.dashboard"], ["hpo.export-best", "--out", str(tmp_path / "x")]):
+        code, err = run(*command, "--study", str(spec), "--storage", f"sqlite:///{missing}")
+        assert code == 2 and err.strip().splitlines() == [
+            f"error: no study database at {missing}: run the study first, or pass --storage"
+        ], err
+    assert not missing.exists() and not missing.parent.exists() and not (tmp_path / "x").exists()

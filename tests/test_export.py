@@ -1,9 +1,12 @@
 """hpo.export-best end to end on the finished test study: retrain, export, check, predict."""
 
+import io
 import json
+import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import onnxruntime as ort
@@ -73,6 +76,12 @@ def test_export_runs_in_a_fresh_process_and_onnx_agrees(exported, small_root):
     } <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert config["members"] == 1 and config["classes"]["17"] == "not_wear/female/60+"
+    # A serving container running as another user reads it: what mkdir and open give under the
+    # umask (0755 and 0644 under the usual 022), not the 0700 / 0600 of temporary files.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
     assert config["preprocessing"]["image_size"] == [32, 24] and len(config["preprocessing"]["mean"]) == 3
     expected, got = onnx_vs_torch(out, small_root)
     assert (expected.argmax(1) == got.argmax(1)).all()
@@ -109,7 +118,11 @@ def test_export_runs_in_a_fresh_process_and_onnx_agrees(exported, small_root):
     assert f"| submission vs eval/gt.csv | {score:.4f} |" in (out / "report.md").read_text()
     study = optuna.load_study(study_name="t", storage=open_storage(storage))
     assert study.user_attrs["export"]["trial"] == study.best_trial.number
-    assert list((tmp / "artifacts").rglob("*"))  # the zipped export is a study artifact
+    record = study.user_attrs["export"]  # the zipped export is a study artifact, the export itself
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp / "artifacts"))
+    with store.open_reader(record["artifact_id"]) as reader, zipfile.ZipFile(io.BytesIO(reader.read())) as z:
+        assert z.read("model.onnx") == (out / "model.onnx").read_bytes()
+        assert {"config.json", "model.safetensors", "report.md", "submission.csv"} <= set(z.namelist())
 
 
 def test_the_report_shows_the_study_the_recipe_and_what_each_figure_was_measured_on(exported, small_root):

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import optuna
 import pytest
 import yaml
 from helpers import (
+    _first_answer,
     command_lines,
     dashboard_server,
     finish,
@@ -99,6 +102,23 @@ def test_dashboard_serves_the_study_and_its_artifacts(finished_study):
         }
         png = urllib.request.urlopen(f"{trial_url}/{names['learning_curves.png']}", timeout=5).read()
         assert png.startswith(b"\x89PNG")
+
+
+def test_the_summarys_dashboard_command_runs_as_printed_on_the_storage_used(finished_study):
+    tmp, spec, storage, out = finished_study
+    lines = out.splitlines()
+    command = shlex.split(lines[lines.index("dashboard:") + 1])
+    assert command[:3] == [sys.executable, "-m", "hpo.dashboard"] and storage in command
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([*command, "--port", str(port)], stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        studies = _first_answer(server, f"http://127.0.0.1:{port}/api/studies")
+        assert [s["study_name"] for s in studies["study_summaries"]] == ["t"]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_the_plain_optuna_dashboard_cli_serves_it_too(finished_study):

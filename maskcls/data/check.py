@@ -69,7 +69,8 @@ def check(
     problems = list(found.problems)
     if decode:
         paths = list(found.train["path"]) + (list(found.eval["path"]) if found.eval is not None else [])
-        problems += undecodable([p for p in paths if os.path.isfile(p)], progress=progress)
+        files = [p for p in paths if os.path.isfile(p)]
+        problems += undecodable(files, progress=progress) if files else []
     if problems:
         raise DataError(problems)
     return found.train

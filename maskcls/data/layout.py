@@ -65,7 +65,8 @@ def read_layout(
     problems: list[str] = []
     empty = pd.DataFrame(columns=["path", "person", "gender", "race", "age", "mask", "stem", "label"])
     if not root.is_dir():
-        return Layout(empty, None, [f"{root}: data root does not exist (pass the folder holding train/)"])
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        return Layout(empty, None, [f"{root}: data root {what} (pass the folder holding train/)"])
     train = _read_train(root / "train", problems)
     if train is not None and corrections is not None:
         train = _apply_corrections(train, Path(corrections), problems)
