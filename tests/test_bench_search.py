@@ -58,7 +58,8 @@ def test_the_replay_prints_its_table_and_the_shipped_defaults_against_random_sea
         line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and "---" not in line
     ]
     assert names[1:] == [
-        "shipped: tpe (n_startup_trials 4, group False) + hyperband (min_resource 1, reduction_factor 3)",
+        "shipped: tpe (n_startup_trials 4, group False) + successive_halving (min_resource 1) "
+        "= tpe multivariate + successive halving min 1",
         "random + median",
         "random + none",
     ]
