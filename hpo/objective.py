@@ -265,10 +265,10 @@ def _record(
         ]
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         scores = {
-            "best_epoch": result.best_epoch,
+            Attr.BEST_EPOCH: result.best_epoch,
             "val_macro_f1": best.val_macro_f1,
-            "per_class_f1": dict(zip(CLASS_NAMES, validated_list(best.val_per_class_f1), strict=True)),
-            "attribute_accuracy": best.val_attribute_accuracy,
+            Attr.PER_CLASS_F1: dict(zip(CLASS_NAMES, validated_list(best.val_per_class_f1), strict=True)),
+            Attr.ATTRIBUTE_ACCURACY: best.val_attribute_accuracy,
             "history": [m.to_dict() for m in result.history],
         }
         (tmp / "metrics.json").write_text(json.dumps(scores, indent=2))
