@@ -207,7 +207,7 @@ def main() -> int:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     data = work / "data"
-    synth = [sys.executable, "-m", "maskcls.data.synth", str(data), "--people", str(plan.people)]
+    synth = [sys.executable, "-m", "maskcls.data.synth", "--out", str(data), "--people", str(plan.people)]
     synth += ["--eval-people", str(plan.eval_people), "--size", plan.photo]
     code, out, s = run(synth, 300, work / "synth.log")
     made = f"{len(scan(data))} + {len(scan_eval(data))} photos" if code == 0 else last_line(out)

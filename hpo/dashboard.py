@@ -10,26 +10,28 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import optuna
 import optuna_dashboard
 from optuna.artifacts import FileSystemArtifactStore
 
 from hpo import spec as specs
 from hpo.protocol import artifacts_dir
 from hpo.storage import masked, open_storage, resolve_url
-from maskcls.cli import run_main
+from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.errors import UserError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpo.dashboard", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog("hpo.dashboard"), description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--study", required=True, help="name in studies/ or a spec path")
     parser.add_argument("--storage", help="storage URL (default: as hpo.run resolves it)")
     parser.add_argument("--artifacts", help="artifact directory (default runs/<study>/artifacts)")
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
-    )
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8080, help="port to serve on")
     args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = specs.load(args.study)
     url = resolve_url(args.storage, spec)
     storage = open_storage(url, existing=True)

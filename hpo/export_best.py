@@ -36,7 +36,7 @@ from hpo.protocol import Attr, artifacts_dir, export_dir, quiet_experimental, ra
 from hpo.storage import FINISHED, masked, open_storage, resolve_url
 from maskcls import plots
 from maskcls.calibrate import Calibration, fit_biases
-from maskcls.cli import run_main
+from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.config import TrainConfig
 from maskcls.errors import UserError
 from maskcls.export import ExportFigures, ExportInfo, check_out, complete
@@ -44,7 +44,7 @@ from maskcls.infer import pick_device
 from maskcls.labels import class_name
 from maskcls.metrics import macro_f1
 from maskcls.rundir import building, write_model_dir
-from maskcls.runtime import configure_cpu
+from maskcls.runtime import add_threads_argument, configure_cpu
 from maskcls.train import fit, load_data
 
 
@@ -236,14 +236,22 @@ def retrain(
         )
     epochs = int(trial.user_attrs.get(Attr.BEST_EPOCH) or cfg.train.epochs)
     everyone = cfg.override({"train.epochs": epochs, "train.patience": None})
+    print(f"retraining trial {trial.number} on all training people for {epochs} epochs", file=sys.stderr)
     result = fit(everyone, load_data(everyone).everyone(), device, progress=True)
     return Retrain(f"all training people, {epochs} epochs", [result.model], everyone)
 
 
 def export_info(
-    study: optuna.Study, trials: list[optuna.trial.FrozenTrial], done: Retrain, folder: Path, pick: str | None
+    study: optuna.Study,
+    trials: list[optuna.trial.FrozenTrial],
+    recipe: TrainConfig,
+    done: Retrain,
+    folder: Path,
+    pick: str | None,
 ) -> ExportInfo:
-    """The report's content; the study's learning curves go to `folder` as study_curves.png."""
+    """The report's content; the study's learning curves go to `folder` as study_curves.png.
+    `recipe` is the (best) trial's own config, which recipe.yaml holds: what the retrain changed
+    for itself (epochs, folds) the report says beside it."""
     trial, cfg, best = trials[0], done.config, ranked(study)[0].values[0]
     numbers = ", ".join(str(t.number) for t in trials)
     search = f"the search's validation people ({cfg.data.val_ratio:.0%} of the training people)"
@@ -274,7 +282,9 @@ def export_info(
             **({"calibration": dataclasses.asdict(done.calibration)} if done.calibration else {}),
         },
         params=trial.params,
-        recipe=cfg.to_dict(),
+        recipe=recipe.to_dict(),
+        origin=f"The recipe of trial {trial.number} of study {study.study_name} "
+        f"(val macro-F1 {trial.values[0]:.4f} in the search)",
         members=members,
         sections=(["## Trade-off", "", f"Picked by {pick}.", ""] if pick else [])
         + calibration_section(done)
@@ -364,10 +374,10 @@ def record(
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m hpo.export-best",
+        prog=prog("hpo.export-best"),
         description=__doc__.split("\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--study", required=True, help="name in studies/ or a spec path")
     parser.add_argument("--storage", help="storage URL (default: as hpo.run resolves it)")
@@ -388,7 +398,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--weighting",
         choices=("equal", "f1"),
         default="equal",
-        help="--top-k: members vote equally or by their trial's validation macro-F1 (default equal)",
+        help="--top-k: members vote equally or by their trial's validation macro-F1",
     )
     parser.add_argument(
         "--calibrate",
@@ -404,7 +414,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     mode.add_argument("--folds", type=int, help="train K person-level folds and export their ensemble")
     parser.add_argument("--force", action="store_true", help="replace an existing, non-empty --out")
     parser.add_argument("--artifacts", help="artifact directory (default runs/<study>/artifacts)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
+    add_threads_argument(
+        parser,
+        "CPU threads for torch (default: the trial's own with --holdout on the CPU, which reproduces its "
+        "sums exactly, else the cores this process owns)",
+    )
     args = parser.parse_args(argv)
     if args.folds is not None and args.folds < 2:
         raise UserError("--folds must be at least 2")
@@ -424,6 +439,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = specs.load(args.study)
     out = export_dir(args.out, spec.runs_dir)
     check_out(out, args.force)
@@ -449,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # On the CPU the thread count changes the order of float sums, and over a few epochs that moves
     # validation macro-F1 by a few points on a small set; --holdout reproduces the trial with its own.
     threads = trials[0].user_attrs.get(Attr.THREADS) if args.holdout and device.type == "cpu" else None
-    configure_cpu(threads)
+    configure_cpu(args.threads or threads)
     values = ", ".join(f"trial {t.number} (val macro-F1 {t.values[0]:.4f})" for t in trials)
     print(f"exporting {values} of study {spec.name}", file=sys.stderr)
 
@@ -459,9 +475,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = retrain(cfgs[0], trials[0], args.holdout, args.folds, device)
     if args.calibrate == "bias" and done.val_labels is not None and done.val_probs is not None:
         done.calibration = fit_biases(done.val_labels, done.val_probs)
+    print("exporting: ONNX (checked with onnxruntime), submission, report", file=sys.stderr)
     with building(out) as tmp:
         write_model_dir(tmp, done.config, done.members, done.recipes, done.weights, done.biases)
-        figures = complete(tmp, cfgs[0].data.root, device, export_info(study, trials, done, tmp, picked))
+        figures = complete(
+            tmp, cfgs[0].data.root, device, export_info(study, trials, cfgs[0], done, tmp, picked)
+        )
     record(study, trials, done, out, figures, artifacts_dir(args.artifacts, spec.runs_dir))
     print((out / "report.md").read_text())
     print(f"wrote {out}")

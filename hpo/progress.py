@@ -1,22 +1,27 @@
-"""What `hpo.run` shows: live bars on a terminal, one plain line per change elsewhere (a log file,
-CI, `docker compose logs`), nothing with --no-progress; and the summary of the study at the end."""
+"""What `hpo.run` shows: a line per trial event (started, an epoch now and then, complete, pruned,
+failed) everywhere, live bars above them on a terminal (not with --no-progress), no carriage
+return in a log file; and the summary of the study at the end."""
 
 from __future__ import annotations
 
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 import optuna
 from tqdm import tqdm
 
 from hpo.protocol import Attr, artifacts_dir, ranked
 from hpo.spec import STUDIES_DIR, StudySpec
-from hpo.storage import counts, masked, resolve_url
+from hpo.storage import counts, masked, resolve_url, tally
+from maskcls.labels import NUM_CLASSES
+from maskcls.progress import EVERY_S, on_terminal
 
-RUNNING = optuna.trial.TrialState.RUNNING
+RUNNING, COMPLETE = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
+PRUNED, FAIL = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
 
 
 class SlotStatus(NamedTuple):
@@ -26,45 +31,90 @@ class SlotStatus(NamedTuple):
 
 
 class Progress:
-    def __init__(self, spec: StudySpec, target: int, slots: Sequence[str], enabled: bool):
-        self.spec, self.target = spec, target
-        self.bars = enabled and sys.stderr.isatty()
-        self.lines = enabled and not self.bars
-        self.last_line = ""
+    """One line per trial event, and live bars on a terminal (`bars`)."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        target: int,
+        slots: Sequence[str],
+        bars: bool,
+        every_s: float = EVERY_S,
+        stream: TextIO | None = None,
+    ):
+        self.spec, self.target, self.every_s = spec, target, every_s
+        self.stream = stream or sys.stderr
+        self.bars = bars and on_terminal(self.stream)
+        self.seen: dict[int, optuna.trial.TrialState] | None = None  # trial number -> state last shown
+        self.epoch_shown: dict[int, tuple[int, float]] = {}  # trial number -> (epoch, when) of its last line
         self.overall = tqdm(
-            total=target, desc=spec.name, unit="trial", disable=not self.bars, position=0, dynamic_ncols=True
+            total=target,
+            desc=spec.name,
+            unit="trial",
+            disable=not self.bars,
+            position=0,
+            dynamic_ncols=True,
+            file=self.stream,
         )
         self.slot_bars = [
-            tqdm(total=0, bar_format="{desc}", position=i, disable=not self.bars)
+            tqdm(total=0, bar_format="{desc}", position=i, disable=not self.bars, file=self.stream)
             for i in range(1, len(slots) + 1)
         ]
 
     def update(self, study: optuna.Study, slots: Sequence[SlotStatus]) -> None:
-        now = counts(study)
-        best = ranked(study)[:1]
-        state = (
-            f"best {best[0].values[0]:.4f}" if best else "best -",
-            f"{now['pruned']} pruned",
-            f"{now['fail']} failed",
-            f"{now['running']} running",
-        )
-        if self.lines:
-            line = (
-                f"{self.spec.name}: {min(now['finished'], self.target)}/{self.target} finished, "
-                + ", ".join(state)
-            )
-            if line != self.last_line:
-                print(line, file=sys.stderr, flush=True)
-                self.last_line = line
+        trials = study.get_trials(deepcopy=False)
+        self.events(trials, {s.worker: s.name for s in slots})
         if not self.bars:
             return
+        now = tally(trials)
         self.overall.n = min(now["finished"], self.target)
-        self.overall.set_postfix_str(", ".join(state), refresh=False)
+        self.overall.set_postfix_str(self.state(trials, now), refresh=False)
         self.overall.refresh()
-        running = study.get_trials(deepcopy=False, states=(RUNNING,))
-        by_worker = {t.user_attrs.get(Attr.WORKER): t for t in running}
+        by_worker = {t.user_attrs.get(Attr.WORKER): t for t in trials if t.state == RUNNING}
         for bar, slot in zip(self.slot_bars, slots, strict=True):
             bar.set_description_str(f"  {slot.name:>8s} {self.describe(slot, by_worker.get(slot.worker))}")
+
+    def state(self, trials: Sequence[optuna.trial.FrozenTrial], now: dict[str, int]) -> str:
+        complete = [t for t in trials if t.state == COMPLETE]
+        best = max(complete, key=lambda t: t.values[0], default=None)
+        shown = f"best {best.values[0]:.4f} (trial {best.number})" if best else "best -"
+        return f"{shown}, {now['pruned']} pruned, {now['fail']} failed, {now['running']} running"
+
+    def events(self, trials: Sequence[optuna.trial.FrozenTrial], slot_of: dict[str, str]) -> None:
+        """A line for each trial that started, finished or failed since the last call, and one for a
+        running trial's newest epoch at most every `every_s` seconds. Trials that ended before this
+        run started are not shown again."""
+        if self.seen is None:
+            self.seen = {t.number: t.state for t in trials if t.state in (COMPLETE, PRUNED, FAIL)}
+        now = tally(trials)
+        for t in trials:
+            before = self.seen.get(t.number)
+            if t.state == RUNNING:
+                if before != RUNNING:
+                    where = slot_of.get(t.user_attrs.get(Attr.WORKER, ""), "a worker")
+                    params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
+                    self.note(f"trial {t.number} started on {where}: {params}")
+                    self.seen[t.number] = RUNNING
+                self.epoch_line(t)
+            elif t.state in (COMPLETE, PRUNED, FAIL) and before != t.state:
+                self.seen[t.number] = t.state
+                progress = f"{min(now['finished'], self.target)}/{self.target} finished"
+                self.note(f"{ended(t, self.epochs(t))} [{progress}, {self.state(trials, now)}]")
+
+    def epoch_line(self, trial: optuna.trial.FrozenTrial) -> None:
+        if not trial.intermediate_values:
+            return
+        epoch = max(trial.intermediate_values)
+        shown_epoch, when = self.epoch_shown.get(trial.number, (0, 0.0))
+        if epoch > shown_epoch and time.monotonic() - when >= self.every_s:
+            self.epoch_shown[trial.number] = (epoch, time.monotonic())
+            value = trial.intermediate_values[epoch]
+            self.note(f"trial {trial.number}: epoch {epoch}/{self.epochs(trial)}, val macro-F1 {value:.4f}")
+
+    def epochs(self, trial: optuna.trial.FrozenTrial) -> int:
+        """The trial's own epoch count (it may be searched), else the spec's."""
+        config = trial.user_attrs.get(Attr.CONFIG) or {}
+        return int(config.get("train", {}).get("epochs", self.spec.base.train.epochs))
 
     def describe(self, slot: SlotStatus, trial: optuna.trial.FrozenTrial | None) -> str:
         if slot.done:
@@ -73,19 +123,35 @@ class Progress:
             return "waiting for a trial"
         last = max(trial.intermediate_values, default=0)
         f1 = f", val macro-F1 {trial.intermediate_values[last]:.4f}" if last else ""
-        return f"trial {trial.number}: epoch {last}/{self.spec.base.train.epochs}{f1}"
+        return f"trial {trial.number}: epoch {last}/{self.epochs(trial)}{f1}"
 
     def note(self, message: str) -> None:
         """A message between the bars (or a plain line)."""
-        tqdm.write(message, file=sys.stderr)
+        tqdm.write(message, file=self.stream)
+        self.stream.flush()
 
     def close(self) -> None:
         for bar in [self.overall, *self.slot_bars]:
             bar.close()
 
 
+def ended(trial: optuna.trial.FrozenTrial, epochs: int) -> str:
+    """How a trial ended, in one line: its value and epoch, or why it stopped."""
+    if trial.state == FAIL:
+        return f"trial {trial.number} failed: {trial.user_attrs.get(Attr.FAIL_REASON, 'see the worker log')}"
+    last = max(trial.intermediate_values, default=None)
+    if trial.state == PRUNED:
+        at = f" at epoch {last}/{epochs}: val macro-F1 {trial.intermediate_values[last]:.4f}" if last else ""
+        return f"trial {trial.number} pruned{at}"
+    best_epoch = trial.user_attrs.get(Attr.BEST_EPOCH, "-")
+    others = "".join(f", {v:.4g}" for v in trial.values[1:])
+    value = f"val macro-F1 {trial.values[0]:.4f}{others}"
+    return f"trial {trial.number} complete: {value} (best epoch {best_epoch})"
+
+
 def summary(study: optuna.Study, target: int, spec: StudySpec, url: str, artifacts: Path) -> str:
-    """Counts, the five best trials and how to open the dashboard on this very storage."""
+    """Counts, the five best trials beside the chance level, and what to run next on this very
+    storage: the export of the best trial and the dashboard."""
     now = counts(study)
     lines = [
         f"study {spec.name}: {now['finished']}/{target} finished ({now['complete']} complete, "
@@ -102,16 +168,23 @@ def summary(study: optuna.Study, target: int, spec: StudySpec, url: str, artifac
             epoch = t.user_attrs.get(Attr.BEST_EPOCH, "-")
             values = "".join(f" {v:14.4g}" for v in t.values[1:])
             lines.append(f"{t.number:6d} {t.values[0]:12.4f}{values} {epoch!s:>5s} {peak_gib:>8s}  {params}")
-    lines += ["", "dashboard:", f"  {dashboard_command(spec, url, artifacts)}"]
+        lines.append(
+            f"(for scale: guessing one of the {NUM_CLASSES} classes at random scores about "
+            f"{1 / NUM_CLASSES:.3f} macro-F1)"
+        )
+        lines += ["", "export the best trial (retrain it, ONNX, submission, report):"]
+        lines.append(f"  {command('export', 'hpo.export-best', spec, url, artifacts)}")
+    lines += ["", "dashboard:", f"  {command('dashboard', 'hpo.dashboard', spec, url, artifacts)}"]
     return "\n".join(lines)
 
 
-def dashboard_command(spec: StudySpec, url: str, artifacts: Path) -> str:
-    """`hpo.dashboard` on this very storage and artifact store, runnable as printed: the full path of
-    this interpreter (no activated environment needed) and the storage unless it resolves by itself
-    (a password shows as ***: put the URL in $HPO_STORAGE instead)."""
-    study = spec.name if spec.path.parent == STUDIES_DIR else str(spec.path)
-    words = [sys.executable, "-m", "hpo.dashboard", "--study", study]
+def command(name: str, module: str, spec: StudySpec, url: str, artifacts: Path) -> str:
+    """A `mask-hpo` subcommand on this very storage and artifact store, runnable as printed without
+    an activated environment: the console command's full path (else this interpreter's `-m`), and
+    the storage unless it resolves by itself (a password shows as ***: put the URL in $HPO_STORAGE)."""
+    console = Path(sys.executable).parent / "mask-hpo"
+    words = [str(console), name] if console.is_file() else [sys.executable, "-m", module]
+    words += ["--study", spec.name if spec.path.parent == STUDIES_DIR else str(spec.path)]
     if url != resolve_url(None, spec):
         words += ["--storage", masked(url)]
     if artifacts != artifacts_dir(None, spec.runs_dir):

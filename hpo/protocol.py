@@ -119,6 +119,8 @@ class WorkerArgs:
     artifacts: str | None = None
     deadline: float | None = None  # start no trial after this UNIX time
     parent: int | None = None  # the dispatcher's pid: the worker stops when it is gone
+    tensorboard: str | None = None  # write each trial's per-epoch scalars under DIR/<study>/trial-<n>
+    mlflow: str | None = None  # log each trial as an MLflow run at this tracking URI
 
     def to_argv(self) -> list[str]:
         argv = []

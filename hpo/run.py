@@ -41,8 +41,9 @@ from hpo.protocol import (
 )
 from hpo.storage import counts, masked, open_storage, requeue, resolve_url, setup_lock
 from maskcls import weights
-from maskcls.cli import run_main
+from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.errors import UserError
+from maskcls.runtime import add_threads_argument, owned_cores
 
 MAX_RESTARTS_PER_SLOT = 5
 STOP_GRACE_S = 30  # after Ctrl-C/SIGTERM, workers get this long to mark their trials failed
@@ -102,13 +103,14 @@ def visible_gpus() -> list[str]:
     return names
 
 
-def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None) -> list[Slot]:
-    """One slot per GPU and trial; `--gpus` indexes the GPUs this process sees (visible_gpus)."""
+def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None, threads: int | None = None) -> list[Slot]:
+    """One slot per GPU and trial; `--gpus` indexes the GPUs this process sees (visible_gpus). Each
+    worker gets `threads` CPU threads, by default an equal share of the cores this process owns."""
     visible = visible_gpus()
     if gpus is None and (not visible or workers is not None):
         n = workers or 1
-        threads = max(1, (os.cpu_count() or 1) // n)
-        return [Slot(f"cpu{i}", "cpu", {"CUDA_VISIBLE_DEVICES": ""}, threads) for i in range(n)]
+        share = threads or max(1, owned_cores() // n)
+        return [Slot(f"cpu{i}", "cpu", {"CUDA_VISIBLE_DEVICES": ""}, share) for i in range(n)]
     if gpus in (None, "all"):
         ids = list(range(len(visible)))
     else:
@@ -123,9 +125,9 @@ def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None) -> list[Slot]
             f"--gpus {gpus}: GPU {missing[0] if missing else ''} is not there; this machine has "
             f"{have} (use --workers N for CPU workers)"
         )
-    threads = max(1, (os.cpu_count() or 1) // (len(ids) * per_gpu))
+    share = threads or max(1, owned_cores() // (len(ids) * per_gpu))
     return [
-        Slot(f"gpu{g}.{k}", "cuda", {"CUDA_VISIBLE_DEVICES": visible[g]}, threads)
+        Slot(f"gpu{g}.{k}", "cuda", {"CUDA_VISIBLE_DEVICES": visible[g]}, share)
         for g in ids
         for k in range(per_gpu)
     ]
@@ -288,9 +290,10 @@ def _terminate(signum, frame) -> None:
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m hpo.run",
+        prog=prog("hpo.run"),
         description=__doc__.split("\n")[0],
         epilog=f"Available studies: {', '.join(specs.available())}",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--study", required=True, help="name in studies/ (e.g. mask, demo) or a spec path")
     parser.add_argument(
@@ -301,14 +304,31 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data", help="data root (default: the spec's)")
     parser.add_argument("--gpus", help="all (default when there are GPUs) or a list such as 0,1")
-    parser.add_argument("--trials-per-gpu", type=int, default=1, help="trials sharing one GPU (default 1)")
+    parser.add_argument("--trials-per-gpu", type=int, default=1, help="trials sharing one GPU")
     parser.add_argument("--workers", type=int, help="CPU worker processes when not using GPUs (default 1)")
     parser.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    add_threads_argument(
+        parser,
+        f"CPU threads of each worker (default: the {owned_cores()} cores this process owns, shared "
+        "equally between the workers)",
+    )
     parser.add_argument("--artifacts", help="artifact directory (default runs/<study>/artifacts)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live bars on a terminal, only the plain lines a log file gets (one per trial event)",
+    )
+    parser.add_argument(
+        "--tensorboard", metavar="DIR", help="write each trial's per-epoch scalars to DIR/<study>/trial-<n>"
+    )
+    parser.add_argument(
+        "--mlflow",
+        metavar="URI",
+        help="log each trial as an MLflow run at this tracking URI (pip install -e '.[mlflow]')",
+    )
     args = parser.parse_args(argv)
-    if args.workers is not None and args.workers < 1 or args.trials_per_gpu < 1:
-        raise UserError("--workers and --trials-per-gpu must be at least 1")
+    if any(n is not None and n < 1 for n in (args.workers, args.trials_per_gpu, args.threads)):
+        raise UserError("--workers, --trials-per-gpu and --threads must be at least 1")
     return args
 
 
@@ -359,11 +379,12 @@ def outage_note(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the workers' INFO lines go to their logs
     spec = specs.load(args.study).with_data(args.data)
     target = spec.n_trials if args.n_trials is None else args.n_trials
     if target < 1:
         raise UserError(f"--n-trials must be at least 1, got {target}")
-    slots = gpu_slots(args.gpus, args.trials_per_gpu, args.workers)
+    slots = gpu_slots(args.gpus, args.trials_per_gpu, args.workers, args.threads)
     url = resolve_url(args.storage, spec)
     storage = open_storage(url, spec.heartbeat, on_outage=outage_note)
     prepare_data(spec)  # a data or weights problem stops here, before anything is written to the storage
@@ -409,8 +430,10 @@ def search(
         artifacts=str(artifacts),
         deadline=deadline,
         parent=os.getpid(),
+        tensorboard=args.tensorboard,
+        mlflow=args.mlflow,
     )
-    progress = Progress(spec, target, [s.name for s in slots], enabled=not args.no_progress)
+    progress = Progress(spec, target, [s.name for s in slots], bars=not args.no_progress)
     dispatcher = Dispatcher(spec, study, url, slots, worker_args, progress)
     signal.signal(signal.SIGTERM, _terminate)
     try:

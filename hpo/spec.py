@@ -18,7 +18,7 @@ heartbeat: {interval: 10, grace: 60, max_retry: 2, outage: 300}
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -140,14 +140,12 @@ class StudySpec:
     def runs_dir(self) -> Path:
         return Path("runs") / self.name
 
-    def make_sampler(self, worker: str | None = None) -> optuna.samplers.BaseSampler:
-        """Each worker gets its own seed derived from the spec's: with one shared seed, parallel
-        workers draw the same points at the same moment, which constant liar cannot prevent."""
-        seed = self.sampler.seed
-        if seed is not None and worker is not None:
-            seed = int(np.random.SeedSequence([seed, *worker.encode()]).generate_state(1)[0] >> 1)
-        with quiet_experimental():
-            return SAMPLERS[self.sampler.name](seed, **self.sampler.options)
+    def make_sampler(self) -> TrialSeeded:
+        def make(seed: int | None) -> optuna.samplers.BaseSampler:
+            with quiet_experimental():
+                return SAMPLERS[self.sampler.name](seed, **self.sampler.options)
+
+        return TrialSeeded(make, self.sampler.seed)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         with quiet_experimental():  # PatientPruner is experimental
@@ -158,6 +156,56 @@ class StudySpec:
             return self
         base = self.base.override({"data.root": str(Path(root).expanduser())})
         return StudySpec(**{**self.__dict__, "base": base, "synth": None})
+
+
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """The spec's sampler, rebuilt for each trial with a seed drawn from the spec's seed and the
+    trial's number. So a trial's draws depend on its number and the study's history only, not on
+    which worker or machine asked: one worker repeats a seeded study exactly, and parallel workers
+    (whose trials have distinct numbers) never share a random stream, which a seed per process
+    cannot promise once workers restart or machines join."""
+
+    def __init__(self, make: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None):
+        self.make, self.seed = make, seed
+        self.inner = make(seed)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        seed = self.seed
+        if seed is not None:
+            seed = int(np.random.SeedSequence([seed, trial.number]).generate_state(1)[0] >> 1)
+        self.inner = self.make(seed)
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        search_space: dict[str, optuna.distributions.BaseDistribution],
+    ) -> dict[str, Any]:
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        param_name: str,
+        param_distribution: optuna.distributions.BaseDistribution,
+    ) -> Any:
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: optuna.trial.TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self.inner.after_trial(study, trial, state, values)
 
 
 def available() -> list[str]:

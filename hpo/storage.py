@@ -20,7 +20,7 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -204,7 +204,12 @@ def setup_lock(storage: ResilientStorage, name: str) -> Iterator[None]:
 
 def counts(study: optuna.Study) -> dict[str, int]:
     """Trials per state name (complete, pruned, fail, running, waiting) plus finished."""
-    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return tally(study.get_trials(deepcopy=False))
+
+
+def tally(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[str, int]:
+    """counts() of trials already read."""
+    states = [t.state for t in trials]
     out = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState}
     out["finished"] = out["complete"] + out["pruned"]
     return out

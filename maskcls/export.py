@@ -8,6 +8,8 @@ reviewer need:
   submission.csv                   `ImageID,ans` for eval/info.csv, when the data has an eval set
   report.md, confusion_matrix.png  the scores, per-class F1 and the confusion matrix
   metrics.json                     every figure of the report, for machines
+  recipe.yaml                      the recipe (a TrainConfig file): `maskcls.train --config` and a
+                                   study spec's `fixed:` take it as it is
 It is built in a temporary folder and renamed into place. `hpo.export-best` retrains a trial and
 exports it through the same code.
 """
@@ -28,10 +30,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from maskcls import plots
-from maskcls.cli import run_main
+from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.data import cache
 from maskcls.data.augment import Normalize, to_input
 from maskcls.data.layout import scan, scan_eval
@@ -40,7 +43,8 @@ from maskcls.infer import pick_device
 from maskcls.labels import NUM_CLASSES, class_name
 from maskcls.metrics import attribute_accuracy, confusion, macro_f1, per_class_f1
 from maskcls.predict import submission
-from maskcls.rundir import building, load_run, write_csv, write_json
+from maskcls.rundir import building, load_run, write_atomic, write_csv, write_json
+from maskcls.runtime import add_threads_argument, configure_cpu
 
 MAX_ONNX_DIFF = 1e-4
 PHOTOS_PER_PERSON = 7  # the competition's layout: 5 masked, 1 incorrect, 1 normal photo per person
@@ -73,6 +77,7 @@ class ExportInfo:
     facts: dict[str, Any] = field(default_factory=dict)  # recorded in metrics.json as they are
     params: dict[str, Any] = field(default_factory=dict)  # the recipe's searched values
     recipe: dict[str, Any] = field(default_factory=dict)  # the complete TrainConfig, fixed and searched
+    origin: str = ""  # where the recipe comes from, for recipe.yaml's first line
     members: list[dict[str, Any]] = field(default_factory=list)  # an ensemble of trials, member by member
     sections: list[str] = field(default_factory=list)  # markdown the caller adds (study curves...)
     validation: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probabilities) to score
@@ -124,7 +129,7 @@ def check_onnx(path: str | Path, model: nn.Module, images: np.ndarray, batch_siz
     model = _Probabilities(model.cpu().eval())
     worst, agree, norm = 0.0, 0, Normalize.on("cpu")
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        batch = torch.from_numpy(np.array(images[start : start + batch_size]))  # a writable copy
         x = to_input(batch, norm, channels_last=False)
         with torch.no_grad():
             expected = model(x).numpy()
@@ -172,7 +177,18 @@ def complete(model_dir: Path, data_root: str, device: torch.device, info: Export
         plots.confusion_matrix(confusion(labels, predicted), model_dir / "confusion_matrix.png")
     write_json(model_dir / "metrics.json", figures.to_dict(info.facts))
     (model_dir / "report.md").write_text(report(info, figures))
+    write_recipe(model_dir / "recipe.yaml", info.recipe or cfg.to_dict(), info.origin or info.title)
     return figures
+
+
+def write_recipe(path: Path, recipe: dict[str, Any], origin: str) -> Path:
+    """The recipe as a TrainConfig YAML file, so that the winning recipe re-runs as it is."""
+    header = (
+        f"# {origin}\n"
+        f"# Re-run it: python -m maskcls.train --config recipe.yaml --data ROOT --out DIR\n"
+        f"# or put it under `fixed:` in a study spec.\n"
+    )
+    return write_atomic(path, lambda p: p.write_text(header + yaml.safe_dump(recipe, sort_keys=False)))
 
 
 def report(info: ExportInfo, f: ExportFigures) -> str:
@@ -241,6 +257,7 @@ def run_info(run_dir: Path) -> ExportInfo:
     epoch = metrics.get("best_epoch")
     return ExportInfo(
         title=f"Export of run `{run_dir}`",
+        origin=f"The recipe of run {run_dir}",
         trained_on=f"the run's training people, best epoch {epoch}" if epoch else "the run's training people",
         scores={"run": (metrics.get("val_macro_f1"), "the run's validation people")},
         facts={
@@ -258,17 +275,19 @@ def check_out(out: Path, force: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m maskcls.export",
+        prog=prog("maskcls.export"),
         description=__doc__.split("\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("run_dir", help="a run or export directory (config.json + model.safetensors)")
     parser.add_argument("--out", required=True, help="export directory to write")
     parser.add_argument("--data", help="data root for the submission and ONNX check (default: the run's)")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda ...")
     parser.add_argument("--force", action="store_true", help="replace an existing, non-empty --out")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
+    configure_cpu(args.threads)
     run_dir, out = Path(args.run_dir), Path(args.out)
     cfg, _ = load_run(run_dir)  # a bad run directory stops here, before anything is written
     check_out(out, args.force)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from maskcls import losses, models, weights
 from maskcls.checkpoint import CheckpointFile
-from maskcls.cli import run_main
+from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.config import TrainConfig, load, parse_overrides
 from maskcls.data import cache
 from maskcls.data.augment import mix
@@ -38,8 +38,9 @@ from maskcls.infer import Autocast, autocast, pick_device, predict_probs
 from maskcls.labels import NUM_CLASSES, AgeCutoffs, age_band, encode
 from maskcls.metrics import attribute_accuracy, macro_f1, per_class_f1
 from maskcls.optim import Schedule, build_optimizer, build_schedule
+from maskcls.progress import bar
 from maskcls.rundir import write_json, write_model_dir
-from maskcls.runtime import configure_cpu
+from maskcls.runtime import add_threads_argument, configure_cpu
 
 DIVERGED_FACTOR = 100  # a loss this many times its first step's has diverged, finite or not
 
@@ -430,8 +431,8 @@ def fit(
         tick = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         batches = epoch_batches(cfg, data, p.on, p.draws)
-        bar = tqdm(batches, total=p.n_batches, desc=f"epoch {epoch}", leave=False, disable=not progress)
-        for step, (x, targets) in enumerate(bar, start=1):
+        shown = bar(batches, total=p.n_batches, desc=f"epoch {epoch}", unit="batch", enabled=progress)
+        for step, (x, targets) in enumerate(shown, start=1):
             with p.amp():
                 loss = step_loss(p.model, p.forward, p.loss_fn, cfg, x, targets)
             p.scaler.scale(loss / cfg.train.accumulate).backward()
@@ -449,7 +450,7 @@ def fit(
                 mean_loss = loss_sum.item() / step
                 c.check_loss(mean_loss, epoch, step)
                 if progress:
-                    bar.set_postfix(loss=f"{mean_loss:.3f}")
+                    shown.set_postfix(loss=f"{mean_loss:.3f}")
         c.train_seconds += time.perf_counter() - tick
 
         # Validate on the device, score on the host; a plateau schedule reacts to the score.
@@ -505,16 +506,20 @@ def save_run(out: str | Path, cfg: TrainConfig, result: FitResult) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m maskcls.train",
+        prog=prog("maskcls.train"),
+        formatter_class=HelpFormatter,
         description="Train one mask-status classifier and write model.safetensors, config.json and "
         "metrics.json (val_macro_f1 of the best epoch and the per-epoch history).",
         epilog="Config keys: see maskcls/config.py (groups data, model, sampler, loss, optim, schedule, "
         "augment, train). Example: --set model.name=resnet18 --set 'data.image_size=[128,96]' "
-        "--set train.epochs=10 --set optim.lr=3e-4 --set loss.name=focal",
+        "--set train.epochs=10 --set optim.lr=3e-4 --set loss.name=focal\n"
+        "An export's recipe.yaml is a --config file: it re-runs the exported trial's recipe as is.",
     )
     parser.add_argument("--data", required=True, help="data root in the competition layout")
     parser.add_argument("--out", required=True, help="run directory to write")
-    parser.add_argument("--config", help="YAML file with config groups (optional)")
+    parser.add_argument(
+        "--config", help="YAML file with config groups, e.g. an export's recipe.yaml (optional)"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -524,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override one config value, e.g. optim.lr=3e-4 (repeatable)",
     )
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
 
     cfg = load(args.config, {**parse_overrides(args.overrides), "data.root": args.data})
@@ -532,11 +538,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--out {out} is a file; give a directory for the run")
     device = pick_device(args.device)
     weights.ensure([cfg.model])  # missing ImageNet weights stop here, before the images are decoded
-    configure_cpu()
+    threads = configure_cpu(args.threads)
     data = load_data(cfg)
     print(
         f"{len(data.train_rows)} training and {len(data.val_rows)} validation images "
-        f"({data.table['person'].nunique()} people), {cfg.model.name} on {device}",
+        f"({data.table['person'].nunique()} people), {cfg.model.name} on {device}, {threads} CPU threads",
         file=sys.stderr,
     )
     try:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from maskcls.cli import run_main
+from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.config import ModelConfig, read_yaml
 from maskcls.errors import ConfigError, UserError
 
@@ -190,7 +190,8 @@ def read_spec(name_or_path: str) -> Mapping[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m maskcls.weights",
+        prog=prog("maskcls.weights"),
+        formatter_class=HelpFormatter,
         description="Fill the Hugging Face hub cache with timm's ImageNet weights, for machines "
         "without network (run it where there is network, with the same HF_HOME).",
         epilog=f"Cache: {cache_dir()} ($HF_HUB_CACHE, else $HF_HOME/hub).",

@@ -23,7 +23,7 @@ def test_train_refuses_an_output_that_is_a_file_before_training(small_root, tmp_
 def test_synth_names_the_folder_it_cannot_create(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code, err = run("maskcls.data.synth", str(blocker / "data"), "--people", "2")
+    code, err = run("maskcls.data.synth", "--out", str(blocker / "data"), "--people", "2")
     assert code == 2 and f"{blocker / 'data'}: cannot create it there" in err and "Traceback" not in err
 
 
@@ -31,7 +31,7 @@ def test_a_data_root_that_is_a_file_is_one_problem_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     done = subprocess.run(
-        [sys.executable, "-m", "maskcls.data.check", str(blocker)],
+        [sys.executable, "-m", "maskcls.data.check", "--data", str(blocker)],
         capture_output=True,
         text=True,
         timeout=120,

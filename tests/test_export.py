@@ -14,7 +14,9 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+import yaml
 
+from hpo import spec as specs
 from hpo.storage import open_storage
 from maskcls.data import cache
 from maskcls.data.augment import Normalize, to_input
@@ -73,6 +75,7 @@ def test_export_runs_in_a_fresh_process_and_onnx_agrees(exported, small_root):
         "submission.csv",
         "metrics.json",
         "confusion_matrix.png",
+        "recipe.yaml",
     } <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert config["members"] == 1 and config["classes"]["17"] == "not_wear/female/60+"
@@ -87,17 +90,17 @@ def test_export_runs_in_a_fresh_process_and_onnx_agrees(exported, small_root):
     assert (expected.argmax(1) == got.argmax(1)).all()
     assert np.abs(expected - got).max() < 1e-4
 
-    predicted = tmp / "fresh.csv"
+    predicted = tmp / "fresh" / "submission.csv"
     run = subprocess.run(
         [
             sys.executable,
             "-m",
             "maskcls.predict",
             str(out),
-            "--eval-dir",
+            "--data",
             str(small_root),
             "--out",
-            str(predicted),
+            str(predicted.parent),
         ],
         capture_output=True,
         text=True,
@@ -125,6 +128,21 @@ def test_export_runs_in_a_fresh_process_and_onnx_agrees(exported, small_root):
         assert {"config.json", "model.safetensors", "report.md", "submission.csv"} <= set(z.namelist())
 
 
+def test_the_exports_recipe_yaml_reruns_the_trial_and_is_a_specs_fixed_values(exported, tmp_path):
+    tmp, spec, storage, out = exported
+    study = optuna.load_study(study_name="t", storage=open_storage(storage))
+    trial = next(t for t in study.trials if t.number == study.user_attrs["export"]["trial"])
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe == trial.user_attrs["config"]
+    command = [sys.executable, "-m", "maskcls.train", "--config", str(out / "recipe.yaml")]
+    command += ["--data", recipe["data"]["root"], "--out", str(tmp_path / "again"), "--threads", "1"]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["train_config"] == recipe
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump({"study": "again", "fixed": recipe}))
+    assert specs.load(str(tmp_path / "again.yaml")).base.to_dict() == recipe
+
+
 def test_the_report_shows_the_study_the_recipe_and_what_each_figure_was_measured_on(exported, small_root):
     tmp, spec, storage, out = exported
     report = (out / "report.md").read_text()
@@ -138,7 +156,8 @@ def test_the_report_shows_the_study_the_recipe_and_what_each_figure_was_measured
     recipe = (
         report.split("## Complete recipe (fixed and searched values)")[1].split("```json")[1].split("```")[0]
     )
-    assert json.loads(recipe) == json.loads((out / "config.json").read_text())["train_config"]
+    trial = next(t for t in study.trials if t.number == study.user_attrs["export"]["trial"])
+    assert json.loads(recipe) == trial.user_attrs["config"]  # the trial's recipe, not the retrain's
     images = len(pd.read_csv(small_root / "eval" / "gt.csv"))
     assert f"| the data root's eval set: {images} images (about {images // 7} people) |" in report
     assert (
@@ -172,20 +191,20 @@ def test_folds_export_an_ensemble_that_onnx_reproduces(exported, small_root):
 
 
 def predict_eval(tmp, model_dir, root):
-    out = tmp / f"predicted-{model_dir.name}.csv"
+    out = tmp / f"predicted-{model_dir.name}"
     command = [
         sys.executable,
         "-m",
         "maskcls.predict",
         str(model_dir),
-        "--eval-dir",
+        "--data",
         str(root),
         "--out",
         str(out),
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp)
     assert run.returncode == 0, run.stderr
-    return pd.read_csv(out)
+    return pd.read_csv(out / "submission.csv")
 
 
 def test_top_k_exports_one_ensemble_of_distinct_trials_that_onnx_and_predict_agree_on(exported, small_root):
@@ -267,7 +286,7 @@ def test_bad_input_is_one_clear_error_exit_2_and_nothing_half_written(exported, 
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert not [p for p in tmp.iterdir() if p.name.startswith(".export")]  # no temporary leftovers
     not_export = subprocess.run(
-        [sys.executable, "-m", "maskcls.predict", str(tmp_path), "--eval-dir", str(tmp)],
+        [sys.executable, "-m", "maskcls.predict", str(tmp_path), "--data", str(tmp)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -145,11 +145,11 @@ def test_train_cli_writes_a_run_and_refuses_bad_config(tiny_cfg, tmp_path):
     assert good.returncode == 0, good.stderr
     metrics = pd.read_json(tmp_path / "run" / "metrics.json", typ="series")
     assert 0 <= metrics["val_macro_f1"] <= 1 and len(metrics["history"]) == 2
-    sub = tmp_path / "sub.csv"
     pred = run_cli(
-        "maskcls.predict", str(tmp_path / "run"), "--eval-dir", tiny_cfg.data.root, "--out", str(sub)
+        "maskcls.predict", str(tmp_path / "run"), "--data", tiny_cfg.data.root, "--out", str(tmp_path / "p")
     )
     assert pred.returncode == 0, pred.stderr
+    sub = tmp_path / "p" / "submission.csv"
     assert np.array_equal(
         pd.read_csv(sub)["ImageID"], pd.read_csv(f"{tiny_cfg.data.root}/eval/info.csv")["ImageID"]
     )

@@ -212,7 +212,7 @@ def test_cli_exit_code_from_a_fresh_process(root):
 
     _missing_csv(root)
     proc = subprocess.run(
-        [sys.executable, "-m", "maskcls.data.check", str(root)], capture_output=True, text=True
+        [sys.executable, "-m", "maskcls.data.check", "--data", str(root)], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "train.csv: missing" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -66,7 +66,7 @@ def test_two_workers_reach_exactly_n_with_reports_and_pruning(finished_study):
             )
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert len(workers) == 2  # both workers ran trials
-    assert "study t: 5/5 finished" in out and "python -m hpo.dashboard --study" in out
+    assert "study t: 5/5 finished" in out and "mask-hpo dashboard --study" in out
 
 
 def test_rerunning_a_finished_study_adds_nothing(finished_study):
@@ -108,7 +108,8 @@ def test_the_summarys_dashboard_command_runs_as_printed_on_the_storage_used(fini
     tmp, spec, storage, out = finished_study
     lines = out.splitlines()
     command = shlex.split(lines[lines.index("dashboard:") + 1])
-    assert command[:3] == [sys.executable, "-m", "hpo.dashboard"] and storage in command
+    console = os.path.join(os.path.dirname(sys.executable), "mask-hpo")  # by its full path: no venv needed
+    assert command[:2] == [console, "dashboard"] and storage in command
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -416,6 +417,6 @@ def test_an_undecodable_photo_stops_the_run_before_any_trial(tiny_root, tmp_path
     assert code == 2 and "Traceback" not in err
     assert f"{photos[0]}: not a decodable image" in err and f"{photos[1]}: empty file" in err
     assert optuna.get_all_study_names(open_storage(storage)) == []  # no trial, no study
-    check = [sys.executable, "-m", "maskcls.data.check", str(root), "--no-decode"]
+    check = [sys.executable, "-m", "maskcls.data.check", "--data", str(root), "--no-decode"]
     layout_only = subprocess.run(check, capture_output=True, text=True)
     assert layout_only.returncode == 2 and f"problem: {photos[1]}: empty file (0 bytes)" in layout_only.stdout

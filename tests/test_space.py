@@ -1,3 +1,4 @@
+import dataclasses
 import re
 
 import optuna
@@ -122,8 +123,28 @@ def test_shipped_specs_load():
         "data.old_age",
     } <= tuned
     assert mask.enqueue and isinstance(mask.make_pruner(), optuna.pruners.HyperbandPruner)
-    a, b = mask.make_sampler("host:1"), mask.make_sampler("host:2")
-    assert a._rng.rng.random() != b._rng.rng.random()  # workers draw different points
+
+
+def draws(spec, n=6, seed=None):
+    """Parameters of n trials asked one by one from the spec's sampler (a fresh study each call)."""
+    if seed is not None:
+        spec = dataclasses.replace(spec, sampler=dataclasses.replace(spec.sampler, seed=seed))
+    study = optuna.create_study(sampler=spec.make_sampler(), direction="maximize")
+    params = []
+    for i in range(n):
+        trial = study.ask()
+        suggest(trial, spec.params)
+        study.tell(trial, float(i % 3))
+        params.append(trial.params)
+    return params
+
+
+def test_a_trials_draws_follow_the_spec_seed_and_the_trial_number_not_the_process():
+    demo = specs.load("demo")
+    first = draws(demo)
+    assert draws(demo) == first  # another process, worker or machine asking: the same trials
+    assert len({str(p) for p in first}) == len(first)  # each trial a stream of its own
+    assert draws(demo, seed=1) != first
 
 
 @pytest.mark.parametrize(

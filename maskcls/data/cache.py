@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 from PIL import Image
-from tqdm import tqdm
 
 from maskcls.errors import DataError
+from maskcls.progress import bar
 from maskcls.rundir import write_atomic
 
 VERSION = 2  # bump when the preprocessing below changes
@@ -84,10 +84,8 @@ def _write(target: Path, paths, size, center_crop, workers, progress) -> None:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:  # PIL frees the GIL
             jobs = pool.map(lambda i: fill(i, array), range(len(paths)))
-            bar = tqdm(
-                jobs, total=len(paths), desc="decode once", unit="img", disable=not progress, leave=False
-            )
-            problems = [problem for problem in bar if problem]
+            shown = bar(jobs, total=len(paths), desc="decode once", unit="img", enabled=progress)
+            problems = [problem for problem in shown if problem]
         if problems:  # every undecodable image at once, and no cache file
             raise DataError(problems)
         array.flush()

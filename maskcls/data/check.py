@@ -1,4 +1,4 @@
-"""`python -m maskcls.data.check ROOT`: is this folder a usable competition data set?
+"""`python -m maskcls.data.check --data ROOT`: is this folder a usable competition data set?
 
 Prints the people, images and per-class counts, then every problem found. Exit 0 when clean,
 2 otherwise. Decoding every image catches truncated or non-image files that a layout scan misses.
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
-from maskcls.cli import run_main
+from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.data import cache
 from maskcls.data.layout import read_layout
-from maskcls.errors import DataError
+from maskcls.errors import DataError, UserError
 from maskcls.labels import NUM_CLASSES, AgeCutoffs, class_name
+from maskcls.progress import bar
 
 
 def undecodable(paths: Iterable[str], workers: int = 4, progress: bool = True) -> list[str]:
@@ -37,9 +37,7 @@ def undecodable(paths: Iterable[str], workers: int = 4, progress: bool = True) -
         return None
 
     with ThreadPoolExecutor(workers) as pool:
-        found = tqdm(
-            pool.map(problem, paths), total=len(paths), desc="decode", unit="img", disable=not progress
-        )
+        found = bar(pool.map(problem, paths), total=len(paths), desc="decode", unit="img", enabled=progress)
         return [p for p in found if p]
 
 
@@ -90,19 +88,25 @@ def summary(train: pd.DataFrame, cutoffs: AgeCutoffs) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m maskcls.data.check", description=__doc__.split("\n")[0])
-    parser.add_argument("root", help="data root holding train/ (and eval/)")
+    parser = argparse.ArgumentParser(
+        prog=prog("maskcls.data.check"), description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument("--data", help="data root holding train/ (and eval/)")
+    parser.add_argument("root", nargs="?", help=argparse.SUPPRESS)  # the data root, as it was first given
     parser.add_argument("--corrections", help="label-corrections CSV (id, field, value)")
     parser.add_argument("--old-age", type=int, default=60, help="age at which the oldest band starts")
     parser.add_argument("--no-decode", action="store_true", help="check the layout only (fast)")
     args = parser.parse_args(argv)
+    root = args.data or args.root
+    if not root:
+        raise UserError("give the data root: --data DIR")
     cutoffs = AgeCutoffs(old=args.old_age)
     try:
-        train = check(args.root, args.corrections, cutoffs, decode=not args.no_decode)
+        train = check(root, args.corrections, cutoffs, decode=not args.no_decode)
     except DataError as err:
         for problem in err.problems:
             print(f"problem: {problem}")
-        print(f"{len(err.problems)} problem(s) found in {args.root}")
+        print(f"{len(err.problems)} problem(s) found in {root}")
         return 2
     print(summary(train, cutoffs))
     print("no problems found")

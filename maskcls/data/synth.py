@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
 
-from maskcls.cli import run_main
+from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.errors import UserError
 from maskcls.labels import MASK_STEMS, AgeCutoffs, Gender, Mask, age_band, encode
+from maskcls.progress import bar
 from maskcls.rundir import building
 
 FEMALE_SHARE = 0.614  # 1,658 of 2,700 people
@@ -287,19 +287,19 @@ def generate(
         if eval_people:
             (tmp / "eval" / "images").mkdir(parents=True)
         workers = workers or os.cpu_count() or 1
-        bar = tqdm(total=people + eval_people, unit="person", desc="synth", disable=not progress)
+        shown = bar(total=people + eval_people, unit="person", desc="synth", enabled=progress, leave=True)
         with ProcessPoolExecutor(workers) as pool:
             train_rows = []
             for row in pool.map(_train_job, [(seed, i, opts, str(tmp)) for i in range(people)], chunksize=8):
                 train_rows.append(row)
-                bar.update()
+                shown.update()
             eval_rows = []
             for rows in pool.map(
                 _eval_job, [(seed, i, opts, str(tmp)) for i in range(eval_people)], chunksize=8
             ):
                 eval_rows.extend(rows)
-                bar.update()
-        bar.close()
+                shown.update()
+        shown.close()
         _write_csv(
             tmp / "train" / "train.csv",
             ["id", "gender", "race", "age", "path"],
@@ -332,22 +332,22 @@ def _size(text: str) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m maskcls.data.synth",
+        prog=prog("maskcls.data.synth"),
+        formatter_class=HelpFormatter,
         description="Write a synthetic stand-in for the mask-status competition data, in its exact "
         "layout, plus eval/gt.csv with the true eval classes.",
     )
-    parser.add_argument("out", help="folder to create (must not exist or be empty)")
-    parser.add_argument(
-        "--people", type=int, default=2700, help="training people, 7 images each (default 2700)"
-    )
-    parser.add_argument(
-        "--eval-people", type=int, default=1800, help="eval people, 7 images each (default 1800)"
-    )
+    parser.add_argument("--out", help="data root to create (must not exist or be empty)")
+    parser.add_argument("root", nargs="?", help=argparse.SUPPRESS)  # --out, as it was first given
+    parser.add_argument("--people", type=int, default=2700, help="training people, 7 images each")
+    parser.add_argument("--eval-people", type=int, default=1800, help="eval people, 7 images each")
     parser.add_argument("--seed", type=int, default=0, help="same seed and arguments give identical bytes")
-    parser.add_argument("--size", type=_size, default=(384, 512), help="image WIDTHxHEIGHT (default 384x512)")
+    parser.add_argument("--size", type=_size, default="384x512", help="image WIDTHxHEIGHT")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
-    out = generate(args.out, args.people, args.eval_people, args.seed, args.size, args.workers)
+    if not (args.out or args.root):
+        raise UserError("give the data root to create: --out DIR")
+    out = generate(args.out or args.root, args.people, args.eval_people, args.seed, args.size, args.workers)
     print(f"wrote {args.people} train and {args.eval_people} eval people to {out}")
     return 0
 

@@ -1,0 +1,129 @@
+"""The service as people run it: logs instead of terminals, thread counts, seeded repeats, no
+stray files."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import optuna
+import pytest
+from helpers import load, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def run_logged(spec, storage, log, cwd, *args):
+    """`hpo.run ... > log 2>&1`, as under nohup, CI or `docker compose logs`."""
+    command = [sys.executable, "-m", "hpo.run", "--study", str(spec), "--storage", storage, *args]
+    with open(log, "w") as file:
+        done = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, cwd=cwd, timeout=600)
+    return done.returncode, log.read_text()
+
+
+def trials_of(storage):
+    return [
+        (t.number, t.state, t.params, t.value, t.intermediate_values)
+        for t in sorted(load(storage).trials, key=lambda t: t.number)
+    ]
+
+
+def test_one_worker_repeats_a_seeded_study_and_its_log_has_a_line_per_trial(small_root, tmp_path):
+    spec = write_spec(tmp_path, small_root, n_trials=5)
+    first, second = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    code, log = run_logged(spec, first, tmp_path / "a.log", tmp_path, "--workers", "1")
+    assert code == 0, log
+    code, other = run_logged(spec, second, tmp_path / "b.log", tmp_path, "--workers", "1")
+    assert code == 0, other
+
+    assert trials_of(first) == trials_of(second)  # parameters, values and every epoch's value
+    finished = [t for t in load(first).trials if t.state.is_finished()]
+    assert len(finished) == 5 and {t.state.name for t in finished} == {"COMPLETE", "PRUNED"}
+    for t in finished:
+        word = "complete: val macro-F1" if t.state == optuna.trial.TrialState.COMPLETE else "pruned at epoch"
+        assert len(re.findall(rf"^trial {t.number} {word}", log, re.M)) == 1, log
+    assert "\r" not in log and "ExperimentalWarning" not in log and "Warning:" not in log
+    assert not re.search(r"^\[I ", log, re.M), log  # Optuna's INFO lines stay in the worker logs
+    assert re.search(r"^trial \d+ started on cpu0: optim.lr=", log, re.M)
+
+
+@pytest.fixture(scope="module")
+def single_run(small_root, tmp_path_factory):
+    """A one-epoch training run under `taskset -c 0` without --threads: the process owns one core."""
+    tmp = tmp_path_factory.mktemp("single")
+    command = ["taskset", "-c", "0", sys.executable, "-m", "maskcls.train", "--data", str(small_root)]
+    command += ["--out", str(tmp / "run"), "--set", "model.name=mobilenetv3_small_050"]
+    command += ["--set", "data.image_size=[32,24]", "--set", "train.epochs=1", "--set", "train.batch_size=16"]
+    command += ["--set", f"data.cache_dir={tmp / 'cache'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    return tmp, done
+
+
+def test_training_uses_the_cores_it_owns_and_writes_lines_not_carriage_returns(single_run):
+    tmp, done = single_run
+    assert re.search(r"on cpu, 1 CPU threads$", done.stderr, re.M), done.stderr
+    assert "\r" not in done.stderr and re.search(r"^epoch 1: train loss", done.stdout + done.stderr, re.M)
+
+
+def test_openmp_does_not_spin_unless_the_user_says_so():
+    probe = "import os, maskcls.train; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    default = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    own = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+    )
+    assert (default.stdout.strip(), own.stdout.strip()) == ("PASSIVE", "ACTIVE")
+
+
+def test_threads_flag_is_checked(single_run, small_root):
+    tmp, _ = single_run
+    command = [sys.executable, "-m", "maskcls.predict", str(tmp / "run"), "--data", str(small_root)]
+    done = subprocess.run([*command, "--threads", "0"], capture_output=True, text=True, cwd=tmp)
+    assert done.returncode == 2 and done.stderr.strip() == "error: --threads must be at least 1, got 0"
+
+
+def test_predicting_photos_leaves_no_cache_behind_unless_asked(single_run, small_root, tmp_path):
+    tmp, _ = single_run
+    photos = sorted((small_root / "eval" / "images").iterdir())[:2]
+    before = set(os.listdir(tmp / "cache"))  # the run's own cache folder (its config.json names it)
+    command = [sys.executable, "-m", "maskcls.predict", str(tmp / "run"), *map(str, photos)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 2 and not list(tmp_path.iterdir())  # nothing in the cwd
+    assert set(os.listdir(tmp / "cache")) == before
+    kept = tmp_path / "kept"
+    done = subprocess.run([*command, "--cache-dir", str(kept)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(list(kept.glob("images-*.npy"))) == 1 and set(os.listdir(tmp / "cache")) == before
+    shutil.rmtree(kept)
+
+
+def test_predict_out_is_a_directory(single_run, small_root, tmp_path):
+    tmp, _ = single_run
+    command = [sys.executable, "-m", "maskcls.predict", str(tmp / "run"), "--data", str(small_root)]
+    done = subprocess.run([*command, "--out", str(tmp_path / "sub.csv")], capture_output=True, text=True)
+    assert done.returncode == 2 and "give a directory" in done.stderr and not list(tmp_path.iterdir())
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path / "p")], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["p"] and (tmp_path / "p" / "submission.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "module, shown",
+    [
+        ("hpo.run", "trials sharing one GPU (default: 1)"),
+        ("maskcls.train", "auto (cuda if present), cpu, cuda, cuda:1 ... (default: auto)"),
+        ("maskcls.data.synth", "training people, 7 images each (default: 2700)"),
+        ("hpo.dashboard", "port to serve on (default: 8080)"),
+    ],
+)
+def test_help_shows_defaults(module, shown):
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and shown in " ".join(done.stdout.split()), done.stdout
