@@ -62,6 +62,9 @@ def exported(finished_study):
     tmp, spec, storage, _ = finished_study
     done = export_best(tmp, spec, storage, "--out", str(tmp / "export"))
     assert done.returncode == 0, done.stderr
+    # What a log file gets: lines, no carriage-return bars, no library warnings.
+    assert "\r" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    assert "retraining trial" in done.stderr and "exporting: ONNX" in done.stderr
     return tmp, spec, storage, tmp / "export"
 
 
