@@ -4,17 +4,19 @@ Validation macro-F1 is reported after every epoch and the pruner may stop the ru
 person needs to judge the trial is recorded on it: user attrs (resolved config, best epoch,
 per-class F1, images/s, wall time, peak memory, device, host) and artifacts shown by the
 dashboard (learning curves, confusion matrix, config). A trial that runs out of memory or
-diverges fails with its reason recorded; the worker releases the memory and goes on.
+diverges fails with its reason recorded; the worker releases the memory and goes on. With
+hpo.run --tensorboard/--mlflow, each trial that trains is also tracked there (hpo.tracking).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import socket
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from hpo import space
+from hpo import space, tracking
 from hpo.outage import StorageUnreachable
 from hpo.protocol import INTERRUPTED, Attr, worker_id
 from hpo.spec import StudySpec
@@ -32,7 +34,16 @@ from maskcls.config import TrainConfig
 from maskcls.infer import autocast, cpu_latency_ms
 from maskcls.labels import NUM_CLASSES, class_name
 from maskcls.metrics import confusion
-from maskcls.train import Diverged, EpochMetrics, FitResult, device_image_count, fit, load_data
+from maskcls.train import (
+    Diverged,
+    EpochMetrics,
+    FitResult,
+    OnEpoch,
+    TrainData,
+    device_image_count,
+    fit,
+    load_data,
+)
 
 CLASS_NAMES = [class_name(c) for c in range(NUM_CLASSES)]  # the competition's cutoffs, as scored
 MEMORY_WAIT_S = 3600  # how long a trial waits for GPU memory held by the trials beside it
@@ -124,6 +135,7 @@ def make_objective(
     target: int,
     artifacts: FileSystemArtifactStore | None,
     checkpoints: Path | None = None,
+    targets: tracking.Targets | None = None,
 ) -> Callable[[optuna.Trial], float | list[float]]:
     def objective(trial: optuna.Trial) -> float | list[float]:
         checkpoint = checkpoint_of(trial, checkpoints)
@@ -158,23 +170,23 @@ def make_objective(
         data = load_data(cfg, progress=False)
         if device.type == "cuda":
             hold_gpu_memory(trial, cfg, device_image_count(cfg, data), device)
+        # Only a trial that trains is tracked: one refused or queued again for memory is not.
+        with tracked(open_trackers(targets, trial, cfg)) as trackers:
+            return train(trial, cfg, data, checkpoint, trackers)
 
-        def on_epoch(epoch: int, metrics: EpochMetrics) -> None:
-            score = validated(metrics.val_macro_f1)
-            if spec.multi:  # Optuna neither records nor prunes per-epoch values of such studies
-                return
-            trial.report(score, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {epoch}: val macro-F1 {score:.4f}")
-
+    def train(
+        trial: optuna.Trial,
+        cfg: TrainConfig,
+        data: TrainData,
+        checkpoint: CheckpointFile | None,
+        trackers: tracking.Trackers,
+    ) -> float | list[float]:
         if checkpoint is not None:
             checkpoint.key = recipe_key(cfg, device)
-            saved = checkpoint.peek()
-            if saved is not None:
-                resume(trial, saved["course"], report=not spec.multi)
+            continue_from(checkpoint, trial, trackers, report=not spec.multi)
         out_of_memory = None
         try:
-            result = fit(cfg, data, device, on_epoch, checkpoint=checkpoint)
+            result = fit(cfg, data, device, reporter(trial, trackers, spec.multi), checkpoint=checkpoint)
         except Diverged as err:
             raise fail(trial, f"diverged: {err}") from None
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
@@ -188,11 +200,67 @@ def make_objective(
             # Only out here are the error's traceback, and the trial's tensors its frames hold, gone.
             memory.release(device)
             raise fail(trial, out_of_memory)
-        _record(trial, cfg, result, device, artifacts)
+        _record(trial, cfg, result, device, artifacts, trackers)
         f1 = validated(result.best_val_macro_f1)
         return [f1, *measure(trial, spec.objectives[1:], result.model, cfg)] if spec.multi else f1
 
     return objective
+
+
+def reporter(trial: optuna.Trial, trackers: tracking.Trackers, multi: bool) -> OnEpoch:
+    """What each epoch does: the trackers get it, Optuna records it and may prune the trial there."""
+
+    def on_epoch(epoch: int, metrics: EpochMetrics) -> None:
+        trackers.epoch(metrics)  # before pruning: the epoch a trial is pruned at is shown too
+        score = validated(metrics.val_macro_f1)
+        if multi:  # Optuna neither records nor prunes per-epoch values of such studies
+            return
+        trial.report(score, epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}: val macro-F1 {score:.4f}")
+
+    return on_epoch
+
+
+def continue_from(
+    checkpoint: CheckpointFile, trial: optuna.Trial, trackers: tracking.Trackers, report: bool
+) -> None:
+    """A retried trial goes on from its predecessor's checkpoint, if it left one for this recipe;
+    its trackers get the inherited epochs too, so that its run shows the whole curve."""
+    saved = checkpoint.peek()
+    if saved is None:
+        return
+    for metrics in saved["course"]["history"]:
+        trackers.epoch(EpochMetrics(**metrics))
+    resume(trial, saved["course"], report=report)
+
+
+def open_trackers(
+    targets: tracking.Targets | None, trial: optuna.Trial, cfg: TrainConfig
+) -> tracking.Trackers:
+    if targets is None:
+        return tracking.Trackers()
+    about = (Attr.WORKER, Attr.HOST, Attr.DEVICE, Attr.RETRIED_FROM)
+    tags = {key: str(trial.user_attrs[key]) for key in about if key in trial.user_attrs}
+    info = tracking.TrialInfo(trial.study.study_name, trial.number, dict(trial.params), cfg.to_dict(), tags)
+    return targets.open(info)
+
+
+@contextlib.contextmanager
+def tracked(trackers: tracking.Trackers) -> Iterator[tracking.Trackers]:
+    """Closes the trial's trackers whatever ends it, with the state Optuna gives the trial."""
+    try:
+        yield trackers
+    except optuna.TrialPruned as err:
+        trackers.finish("PRUNED", str(err))
+        raise
+    except KeyboardInterrupt:  # Optuna fails the trial; it is queued again and resumes as another
+        trackers.finish("FAIL", INTERRUPTED)
+        raise
+    except BaseException as err:
+        trackers.finish("FAIL", str(err) if isinstance(err, TrialFailed) else f"{type(err).__name__}: {err}")
+        raise
+    trackers.finish("COMPLETE")
 
 
 def measure(
@@ -240,6 +308,7 @@ def _record(
     result: FitResult,
     device: torch.device,
     artifacts: FileSystemArtifactStore | None,
+    trackers: tracking.Trackers,
 ) -> None:
     best = result.history[result.best_epoch - 1]
     for key, value in {
@@ -253,25 +322,33 @@ def _record(
         Attr.STOP_REASON: result.stop_reason,
     }.items():
         trial.set_user_attr(key, value)
-    if artifacts is None:
+    if artifacts is None and not trackers.live:
         return
-    predicted = np.asarray(result.val_probs).argmax(1)
     with tempfile.TemporaryDirectory() as folder:
-        tmp = Path(folder)
-        # Validation is scored in the competition's classes, whatever cutoffs trained the model.
-        files = [
-            plots.learning_curves([m.to_dict() for m in result.history], tmp / "learning_curves.png"),
-            plots.confusion_matrix(confusion(result.val_labels, predicted), tmp / "confusion_matrix.png"),
-        ]
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        scores = {
-            Attr.BEST_EPOCH: result.best_epoch,
-            "val_macro_f1": best.val_macro_f1,
-            Attr.PER_CLASS_F1: dict(zip(CLASS_NAMES, validated_list(best.val_per_class_f1), strict=True)),
-            Attr.ATTRIBUTE_ACCURACY: best.val_attribute_accuracy,
-            "history": [m.to_dict() for m in result.history],
-        }
-        (tmp / "metrics.json").write_text(json.dumps(scores, indent=2))
-        files += [tmp / "config.json", tmp / "metrics.json"]
-        for path in files:
-            upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)
+        files = _artifact_files(Path(folder), cfg, result)
+        if artifacts is not None:
+            for path in files:
+                upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)
+        trackers.files(files)
+
+
+def _artifact_files(tmp: Path, cfg: TrainConfig, result: FitResult) -> list[Path]:
+    """What the dashboard and MLflow show of a complete trial: learning curves, confusion matrix,
+    config.json and metrics.json."""
+    best = result.history[result.best_epoch - 1]
+    predicted = np.asarray(result.val_probs).argmax(1)
+    # Validation is scored in the competition's classes, whatever cutoffs trained the model.
+    files = [
+        plots.learning_curves([m.to_dict() for m in result.history], tmp / "learning_curves.png"),
+        plots.confusion_matrix(confusion(result.val_labels, predicted), tmp / "confusion_matrix.png"),
+    ]
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    scores = {
+        Attr.BEST_EPOCH: result.best_epoch,
+        "val_macro_f1": best.val_macro_f1,
+        Attr.PER_CLASS_F1: dict(zip(CLASS_NAMES, validated_list(best.val_per_class_f1), strict=True)),
+        Attr.ATTRIBUTE_ACCURACY: best.val_attribute_accuracy,
+        "history": [m.to_dict() for m in result.history],
+    }
+    (tmp / "metrics.json").write_text(json.dumps(scores, indent=2))
+    return [*files, tmp / "config.json", tmp / "metrics.json"]

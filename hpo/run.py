@@ -40,6 +40,7 @@ from hpo.protocol import (
     worker_id,
 )
 from hpo.storage import counts, masked, open_storage, requeue, resolve_url, setup_lock
+from hpo.tracking import check_available
 from maskcls import weights
 from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.errors import UserError
@@ -136,6 +137,7 @@ def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None, threads: int 
 def prepare_data(spec: specs.StudySpec) -> None:
     """Generate the spec's stand-in on first use (once, even with several commands), then check it:
     its layout, and that every photo decodes (a bad one stops the run before any trial)."""
+    from maskcls.data import faces
     from maskcls.data.check import verify_decodable  # pandas and PIL load here, not for --help
     from maskcls.data.layout import read_layout
     from maskcls.data.synth import generate
@@ -158,6 +160,9 @@ def prepare_data(spec: specs.StudySpec) -> None:
         undecodable = err.problems
     if found.problems or undecodable:  # every problem at once: layout and photos
         raise DataError(found.problems + undecodable)
+    crops = {spec.base.data.crop, *(c for p in spec.params if p.path == "data.crop" for c in p.choices)}
+    if "face" in crops:  # a trial may crop to faces: its boxes table must fit this data
+        faces.check(spec.base.override({"data.crop": "face"}).data)
 
 
 def check_weights(spec: specs.StudySpec) -> None:
@@ -381,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the workers' INFO lines go to their logs
     spec = specs.load(args.study).with_data(args.data)
+    check_available(args.tensorboard, args.mlflow, spec.name)  # before anything is written
     target = spec.n_trials if args.n_trials is None else args.n_trials
     if target < 1:
         raise UserError(f"--n-trials must be at least 1, got {target}")

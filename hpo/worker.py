@@ -35,6 +35,7 @@ from hpo.protocol import (
     worker_id,
 )
 from hpo.storage import counts, open_storage, requeue
+from hpo.tracking import Targets
 from maskcls import memory
 from maskcls.cli import run_main
 from maskcls.infer import pick_device
@@ -89,12 +90,13 @@ def work(spec: specs.StudySpec, args: WorkerArgs, poll_s: float = 1.0) -> int:
     study = optuna.load_study(
         study_name=spec.name,
         storage=storage,
-        sampler=spec.make_sampler(worker_id()),
+        sampler=spec.make_sampler(),
         pruner=spec.make_pruner(),
     )
     store = FileSystemArtifactStore(args.artifacts) if args.artifacts else None
     checkpoints = checkpoints_dir(Path(args.artifacts), spec.name) if args.artifacts else None
-    objective = make_objective(spec, device, args.target, store, checkpoints)
+    targets = Targets(args.tensorboard, args.mlflow)
+    objective = make_objective(spec, device, args.target, store, checkpoints, targets)
     try:
         return trials(study, objective, args, device, poll_s)
     except KeyboardInterrupt:

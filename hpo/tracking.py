@@ -1,0 +1,306 @@
+"""Experiment tracking of trials, both optional: TensorBoard event files (`hpo.run --tensorboard DIR`)
+and MLflow runs (`hpo.run --mlflow URI`).
+
+A trial opens its trackers once its config is known, hands them every epoch's figures (also the
+epochs a resumed trial inherits from its checkpoint, so that each run shows the whole curve), its
+artifacts when it completes, and closes them whatever its outcome. Tracking serves the person
+watching; it never decides a trial: a tracker that fails is reported in the worker's log and
+dropped for the rest of that trial, and the trial goes on.
+
+Nothing here imports tensorboard, mlflow or torch at module level: the dispatcher imports this
+module (check_available), and a search without the flags must not need the packages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import re
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from hpo.protocol import INTERRUPTED, Attr
+from maskcls.errors import UserError
+from maskcls.labels import NUM_CLASSES, class_name
+
+if TYPE_CHECKING:
+    from maskcls.train import EpochMetrics
+
+log = logging.getLogger(__name__)
+
+INSTALL = {"tensorboard": "pip install -e '.[tensorboard]'", "mlflow": "pip install -e '.[mlflow]'"}
+# Optuna's final trial states -> MLflow run statuses; an interrupted trial (queued again) was KILLED.
+MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def check_available(tensorboard: str | None, mlflow: str | None, study: str | None = None) -> None:
+    """Called once by the dispatcher before any trial: a missing package, a folder TensorBoard
+    cannot write or an MLflow store that refuses to open would otherwise only be warned about in
+    every trial of every worker's log. With `study`, the MLflow experiment is also created here,
+    so that workers starting together do not race to create it."""
+    for package, wanted in (("tensorboard", tensorboard), ("mlflow", mlflow)):
+        if wanted is None:
+            continue
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise UserError(f"--{package} needs the {package} package: {INSTALL[package]}") from None
+    if tensorboard is not None:
+        Path(tensorboard).mkdir(parents=True, exist_ok=True)  # an OSError here names the folder
+    if mlflow is not None:
+        _check_mlflow(mlflow, study)
+
+
+def _check_mlflow(uri: str, study: str | None) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow", "alembic"):  # its INFO lines (creating tables...) stay off the console
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        if study is None:
+            client.search_experiments(max_results=1)
+            return
+        found = client.get_experiment_by_name(study)
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise UserError(
+                f"the MLflow experiment {study!r} at {uri} is deleted: restore it "
+                f"(mlflow experiments restore --experiment-id {found.experiment_id}) or delete it for good "
+                "(mlflow gc)"
+            )
+        experiment_id(client, uri, study)
+    except MlflowException as err:
+        if "MLFLOW_ALLOW_FILE_STORE" in str(err):  # MLflow 3.x refuses its file store by default
+            raise UserError(
+                f"this MLflow refuses the local file store {uri}: use --mlflow sqlite:///mlflow.db, "
+                "or set MLFLOW_ALLOW_FILE_STORE=true to keep the file store"
+            ) from None
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot use MLflow at {uri}: {first_line}") from None
+
+
+def experiment_id(client: Any, uri: str, name: str) -> str:
+    """The experiment named after the study, created by the first process to ask."""
+    found = client.get_experiment_by_name(name)  # the first call also sets a new file store up
+    if found is None:
+        with _file_store_lock(uri):
+            found = client.get_experiment_by_name(name) or _create_experiment(client, uri, name)
+    return str(found.experiment_id)
+
+
+def _create_experiment(client: Any, uri: str, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_experiment(
+            client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        )
+    except MlflowException:  # a database refuses a second experiment of a name: another was first
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found
+
+
+def _file_store_lock(uri: str) -> contextlib.AbstractContextManager[Any]:
+    """MLflow's file store checks that a name is free, then creates the experiment: workers asking
+    at once would each create one, and split the study's runs between them. They take turns."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    root = Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme else Path(uri)
+    return FileLock(str(root / ".hpo-experiments.lock"))
+
+
+def artifact_location(uri: str, study: str) -> str | None:
+    """Beside an SQLite database: MLflow would otherwise put its artifacts in ./mlruns of whichever
+    folder the first process happened to start in. Other stores (a server, the file store) know
+    where their artifacts go."""
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        return None
+    database = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    return (database.resolve().parent / "mlartifacts" / study).as_uri()
+
+
+@dataclass(frozen=True)
+class TrialInfo:
+    """What a tracker records about a trial besides its epochs."""
+
+    study: str
+    number: int
+    params: Mapping[str, Any]  # as Optuna suggested them
+    config: Mapping[str, Mapping[str, Any]]  # the resolved TrainConfig, group -> key -> value
+    tags: Mapping[str, str] = field(default_factory=dict)  # worker, host, device, retried_from
+
+    @property
+    def name(self) -> str:
+        return f"trial-{self.number}"
+
+
+def scalars(metrics: EpochMetrics) -> dict[str, float]:
+    """One epoch's figures, named by group (train/, val/, val_f1/<class>) so that both tools
+    show them in sections; the validation ones only when measured."""
+    values: dict[str, float | None] = {
+        "train/loss": metrics.train_loss,
+        "train/lr": metrics.lr,
+        "train/images_per_s": metrics.images_per_s,
+        "val/loss": metrics.val_loss,
+        "val/macro_f1": metrics.val_macro_f1,
+        "val/accuracy": metrics.val_accuracy,
+    }
+    for attribute, accuracy in (metrics.val_attribute_accuracy or {}).items():
+        values[f"val/{attribute}_accuracy"] = accuracy
+    if metrics.val_per_class_f1 is not None:  # scored in the competition's classes
+        names = [class_name(c) for c in range(NUM_CLASSES)]
+        for name, f1 in zip(names, metrics.val_per_class_f1, strict=True):
+            values[f"val_f1/{name}"] = f1
+    return {key: float(value) for key, value in values.items() if value is not None}
+
+
+class Tracker(Protocol):
+    """One tool's record of one trial; hpo.objective reaches it only through Trackers."""
+
+    def epoch(self, metrics: EpochMetrics) -> None: ...
+
+    def files(self, paths: Sequence[Path]) -> None: ...
+
+    def finish(self, state: str, reason: str | None) -> None: ...
+
+
+class TensorBoardTracker:
+    """One event-file folder per trial, DIR/<study>/trial-<n>; the params as text, and as hparams
+    at the end (with the trial's state) so that TensorBoard's HParams tab compares the trials."""
+
+    def __init__(self, folder: str | Path, trial: TrialInfo):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.trial = trial
+        self.writer = SummaryWriter(log_dir=str(Path(folder) / trial.study / trial.name))
+        rows = "\n".join(f"| {key} | {value} |" for key, value in trial.params.items())
+        self.writer.add_text("params", f"| param | value |\n|---|---|\n{rows}")
+
+    def epoch(self, metrics: EpochMetrics) -> None:
+        for tag, value in scalars(metrics).items():
+            self.writer.add_scalar(tag, value, metrics.epoch)
+        self.writer.flush()  # a trial's curves are watched while it trains
+
+    def files(self, paths: Sequence[Path]) -> None:
+        """The artifacts stay with Optuna's store and MLflow; TensorBoard shows scalars."""
+
+    def finish(self, state: str, reason: str | None) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        self.writer.add_text("state", f"{state}: {reason}" if reason else state)
+        kept = (int, float, str, bool)
+        params = {k: v if isinstance(v, kept) else str(v) for k, v in self.trial.params.items()}
+        # Only the metric's name is used: the HParams tab reads its values from the trial's scalars.
+        for summary in hparams({**params, "state": state}, {"val/macro_f1": 0.0}):
+            self.writer._get_file_writer().add_summary(summary)  # add_hparams would open another folder
+        self.writer.close()
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow names allow letters, digits and _-./: and space; the class names' age bands do not."""
+    return re.sub(r"[^/\w.\- :]", "_", name.replace("<", "under").replace("+", "plus"))
+
+
+class MlflowTracker:
+    """One MLflow run per trial, named trial-<n>, in the experiment named after the study: the
+    params (the suggested ones and the rest of the config, dotted), metrics with step=epoch,
+    the artifacts of a complete trial, and a status that follows the trial's state. Only the
+    client API: no process-wide active run, as one worker runs many trials."""
+
+    def __init__(self, uri: str, trial: TrialInfo):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        tags = {"optuna.study": trial.study, "optuna.trial_number": str(trial.number), **trial.tags}
+        run = self.client.create_run(
+            experiment_id(self.client, uri, trial.study), tags=tags, run_name=trial.name
+        )
+        self.run_id = run.info.run_id
+        params = {
+            f"{group}.{key}": value for group, values in trial.config.items() for key, value in values.items()
+        }
+        params.update(trial.params)  # the value Optuna chose, under the same dotted name
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def epoch(self, metrics: EpochMetrics) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = scalars(metrics).items()
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(mlflow_key(k), v, now, metrics.epoch) for k, v in values]
+        )
+
+    def files(self, paths: Sequence[Path]) -> None:
+        for path in paths:
+            self.client.log_artifact(self.run_id, str(path))
+
+    def finish(self, state: str, reason: str | None) -> None:
+        self.client.set_tag(self.run_id, "optuna.state", state)
+        if reason:
+            self.client.set_tag(self.run_id, Attr.FAIL_REASON if state == "FAIL" else "reason", reason[:8000])
+        status = "KILLED" if reason == INTERRUPTED else MLFLOW_STATUS.get(state, "FAILED")
+        self.client.set_terminated(self.run_id, status)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where trials are tracked: hpo.run's --tensorboard DIR and --mlflow URI."""
+
+    tensorboard: str | None = None
+    mlflow: str | None = None
+
+    def open(self, trial: TrialInfo) -> Trackers:
+        trackers = Trackers()
+        if self.tensorboard is not None:
+            trackers.add("TensorBoard", lambda: TensorBoardTracker(str(self.tensorboard), trial))
+        if self.mlflow is not None:
+            trackers.add("MLflow", lambda: MlflowTracker(str(self.mlflow), trial))
+        return trackers
+
+
+@dataclass
+class Trackers:
+    """A trial's open trackers, each called in turn; one that fails is closed and dropped."""
+
+    live: dict[str, Tracker] = field(default_factory=dict)
+
+    def add(self, name: str, make: Callable[[], Tracker]) -> None:
+        try:
+            self.live[name] = make()
+        except Exception as err:
+            log.warning("%s tracking is off for this trial: %s: %s", name, type(err).__name__, err)
+
+    def epoch(self, metrics: EpochMetrics) -> None:
+        self._each(lambda tracker: tracker.epoch(metrics))
+
+    def files(self, paths: Sequence[Path]) -> None:
+        self._each(lambda tracker: tracker.files(paths))
+
+    def finish(self, state: str, reason: str | None = None) -> None:
+        self._each(lambda tracker: tracker.finish(state, reason))
+        self.live.clear()
+
+    def _each(self, call: Callable[[Tracker], None]) -> None:
+        for name, tracker in list(self.live.items()):
+            try:
+                call(tracker)
+            except Exception as err:
+                log.warning("%s tracking is off for this trial: %s: %s", name, type(err).__name__, err)
+                del self.live[name]
+                with contextlib.suppress(Exception):
+                    tracker.finish("FAIL", f"tracking failed: {err}")
