@@ -11,6 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps 'facenet-pytorch==2.6.0'  # face detector weights; its metadata pins torch<2.3
 	touch $@
 
 demo: setup  ## the demo study end to end: stand-in data, 2 CPU workers, summary and dashboard command

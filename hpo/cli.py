@@ -25,6 +25,7 @@ COMMANDS = {
     "predict": ("maskcls.predict", "predict classes for the eval set or single images"),
     "check": ("maskcls.data.check", "check that a folder is a usable competition data set"),
     "synth": ("maskcls.data.synth", "write a synthetic stand-in for the competition data"),
+    "faces": ("maskcls.data.faces", "find every photo's face box once: the table data.crop face reads"),
     "weights": ("maskcls.weights", "fill the hub cache with ImageNet backbone weights, for offline machines"),
 }
 

@@ -161,8 +161,10 @@ def pick_tradeoff(
 
 
 def preprocessing_of(trial: optuna.trial.FrozenTrial) -> tuple:
-    data = trial.user_attrs[Attr.CONFIG]["data"]
-    return tuple(data["image_size"]), data["center_crop"]
+    """What an ensemble's members must share: one input tensor for them all."""
+    cfg = TrainConfig.from_dict(trial.user_attrs[Attr.CONFIG]).data
+    crop = (cfg.crop, cfg.face_boxes, cfg.face_margin) if cfg.crop == "face" else (cfg.crop,)
+    return cfg.image_size, cfg.center_crop, *crop
 
 
 def retrain_top(

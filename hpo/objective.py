@@ -320,6 +320,7 @@ def _record(
         Attr.WALL_S: round(result.wall_s, 1),
         Attr.PEAK_MEMORY_MB: round(peak_memory_mb(device), 1),
         Attr.STOP_REASON: result.stop_reason,
+        Attr.FACE_FALLBACKS: result.face_fallbacks,
     }.items():
         trial.set_user_attr(key, value)
     if artifacts is None and not trackers.live:

@@ -27,7 +27,10 @@ STD = (0.237, 0.247, 0.246)
 class DataConfig:
     root: str = "runs/demo/data"
     image_size: tuple[int, int] = (256, 192)  # [H, W]; the photos are 512x384
-    center_crop: float = 1.0  # share of height and width kept around the centre (the face)
+    crop: Literal["none", "center", "face"] = "center"  # face: around each photo's face box
+    center_crop: float = 1.0  # center (and face without a box): share of height and width kept
+    face_boxes: str | None = None  # face: boxes table (maskcls.data.faces); none: the root's own
+    face_margin: float = 0.2  # face: the box grows by this times its size on every side
     young_age: int = 30
     old_age: int = 60  # teams gained by moving it to 58 or 59
     corrections: str | None = None  # CSV of label fixes (id, field, value)
@@ -260,6 +263,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
     checks = [
         (all(s >= 16 for s in cfg.data.image_size), "data.image_size: each side must be at least 16"),
         (0.2 <= cfg.data.center_crop <= 1, "data.center_crop must be in [0.2, 1]"),
+        (0 <= cfg.data.face_margin <= 2, "data.face_margin must be in [0, 2]"),
         (0 < cfg.data.young_age < cfg.data.old_age, "data ages: need 0 < young_age < old_age"),
         (0 < cfg.data.val_ratio < 1, "data.val_ratio must be in (0, 1)"),
         (cfg.model.age_aux_weight >= 0, "model.age_aux_weight must be at least 0 (0 disables the age head)"),

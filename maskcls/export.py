@@ -145,7 +145,7 @@ def complete(model_dir: Path, data_root: str, device: torch.device, info: Export
     cfg, model = load_run(model_dir)
     has_eval = (Path(data_root) / "eval" / "info.csv").is_file()
     paths = list(scan_eval(data_root)["path"] if has_eval else scan(data_root)["path"][:512])
-    images = cache.build(paths, cfg.data.image_size, cfg.data.cache_dir, cfg.data.center_crop)
+    images, _ = cache.images_for(cfg.override({"data.root": data_root}).data, paths)
     export_onnx(model, cfg.data.image_size, model_dir / "model.onnx")
     check = check_onnx(model_dir / "model.onnx", model, images)
     if check.argmax_agree != check.images or check.max_abs_diff > MAX_ONNX_DIFF:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.config import TrainConfig
 from maskcls.data import cache
 from maskcls.data.batches import DeviceImages
+from maskcls.data.faces import Box, crop_for
 from maskcls.data.layout import scan_eval
 from maskcls.errors import UserError
 from maskcls.infer import infer, pick_device
@@ -38,11 +40,11 @@ def predict_paths(
     device: torch.device,
     tta: bool = False,
     progress: bool = True,
+    boxes: Mapping[str, Box] | None = None,
 ) -> np.ndarray:
-    """Class probabilities [N, 18], preprocessing exactly as in training (through the same cache)."""
-    images = cache.build(
-        list(paths), cfg.data.image_size, cfg.data.cache_dir, cfg.data.center_crop, progress=progress
-    )
+    """Class probabilities [N, 18], preprocessing exactly as in training (through the same cache);
+    face boxes from `boxes` (resolved path -> box) when given, else from the config's tables."""
+    images, _ = cache.images_for(cfg.data, list(paths), progress, boxes)
     return infer(
         model, DeviceImages(images, device, cfg.train.channels_last), cfg.train.eval_batch_size, tta=tta
     )
@@ -56,8 +58,10 @@ def submission(
     tta: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """`ImageID,ans` for every row of eval/info.csv, in its order."""
+    """`ImageID,ans` for every row of eval/info.csv, in its order (face boxes: the config's table,
+    else the root's own)."""
     evals = scan_eval(root)
+    cfg = cfg.override({"data.root": str(root)})
     probs = predict_paths(model, cfg, list(evals["path"]), device, tta, progress)
     return pd.DataFrame({"ImageID": evals["ImageID"], "ans": probs.argmax(1)})
 
@@ -70,6 +74,20 @@ def cache_folder(given: str | None) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="maskcls-predict-") as folder:
         yield folder
+
+
+def detected(paths: Sequence[str]) -> dict[str, Box]:
+    """Face boxes of new photos, from the same detector that made the training table."""
+    from maskcls.data import detector
+
+    found = detector.detect(paths, progress=len(paths) > 100)
+    return {p: (b[0], b[1], b[2], b[3]) for p, b in zip(paths, found, strict=True) if b is not None}
+
+
+def report_fallbacks(cfg: TrainConfig, paths: Sequence[str], boxes: Mapping[str, Box] | None) -> None:
+    fallbacks = crop_for(cfg.data, paths, boxes).fallbacks
+    if fallbacks:
+        print(f"{fallbacks} of {len(paths)} photos have no face box: cropped at the centre", file=sys.stderr)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -86,6 +104,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cache-dir", help="keep the decoded images in this folder (default: a temporary one)"
     )
+    parser.add_argument(
+        "--face-boxes",
+        metavar="FILE",
+        help="a model trained on face crops: the photos' boxes table (default: the model's table with "
+        "--data, else the face detector runs on the photos)",
+    )
     add_threads_argument(parser)
     args = parser.parse_args(argv)
     if bool(args.images) == bool(args.data):
@@ -101,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_cpu(args.threads)
     device = pick_device(args.device)
     cfg, model = load_run(args.run_dir, device)
+    if args.face_boxes:
+        cfg = cfg.override({"data.face_boxes": args.face_boxes})
     if args.data:
+        report_fallbacks(cfg.override({"data.root": args.data}), scan_eval(args.data)["path"], None)
         with cache_folder(args.cache_dir) as folder:
             table = submission(model, cfg.override({"data.cache_dir": folder}), args.data, device, args.tta)
         print(f"wrote {len(table)} predictions to {write_csv(table, Path(args.out) / 'submission.csv')}")
@@ -109,14 +136,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise UserError(f"image file not found: {', '.join(missing)}")
+    paths = [str(Path(p).resolve()) for p in args.images]
+    boxes = detected(paths) if cfg.data.crop == "face" and not args.face_boxes else None
+    report_fallbacks(cfg, paths, boxes)
     with cache_folder(args.cache_dir) as folder:
         probs = predict_paths(
             model,
             cfg.override({"data.cache_dir": folder}),
-            [str(Path(p).resolve()) for p in args.images],
+            paths,
             device,
             args.tta,
             progress=len(args.images) > 100,
+            boxes=boxes,
         )
     cutoffs = AgeCutoffs(cfg.data.young_age, cfg.data.old_age)
     for path, p in zip(args.images, probs, strict=True):

@@ -89,11 +89,15 @@ def preprocessing(cfg: TrainConfig) -> dict[str, Any]:
     """What a deployment must do to a photo before the model sees it."""
     return {
         "image_size": list(cfg.data.image_size),
+        "crop": cfg.data.crop,
         "center_crop": cfg.data.center_crop,
+        "face_margin": cfg.data.face_margin,
         "mean": list(MEAN),
         "std": list(STD),
-        "input": "RGB, centre crop, bilinear resize to image_size [H, W], scale to [0, 1], "
-        "subtract mean and divide by std per channel; float32 [batch, 3, H, W]",
+        "input": "RGB; crop: none keeps the photo, center its central center_crop share, face the "
+        "photo's face box grown by face_margin and fitted to the image_size aspect (centre crop when "
+        "a photo has no box; README, maskcls.data.faces.face_window); bilinear resize to image_size "
+        "[H, W], scale to [0, 1], subtract mean and divide by std per channel; float32 [batch, 3, H, W]",
     }
 
 

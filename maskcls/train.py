@@ -28,7 +28,7 @@ from maskcls import losses, models, weights
 from maskcls.checkpoint import CheckpointFile
 from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.config import TrainConfig, load, parse_overrides
-from maskcls.data import cache
+from maskcls.data import cache, faces
 from maskcls.data.augment import mix
 from maskcls.data.batches import DeviceImages, albumentations_batches, device_batches, epoch_indices
 from maskcls.data.layout import scan
@@ -57,9 +57,11 @@ class TrainData:
     images: np.ndarray  # uint8 [N, H, W, 3], memory-mapped
     train_rows: np.ndarray
     val_rows: np.ndarray  # empty when retraining on everyone
+    face_fallbacks: int = 0  # data.crop face: photos without a face box, centre-cropped instead
 
     def everyone(self) -> TrainData:
-        return TrainData(self.table, self.images, np.arange(len(self.table)), np.array([], dtype=int))
+        everyone = np.arange(len(self.table))
+        return dataclasses.replace(self, train_rows=everyone, val_rows=np.array([], dtype=int))
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class FitResult:
     stop_reason: str
     images_per_s: float
     wall_s: float
+    face_fallbacks: int = 0  # photos of the table without a face box (data.crop face), centre-cropped
 
 
 def load_data(cfg: TrainConfig, progress: bool = True) -> TrainData:
@@ -117,8 +120,8 @@ def load_data(cfg: TrainConfig, progress: bool = True) -> TrainData:
     split = (
         kfold(table, d.folds, d.seed)[d.fold] if d.fold is not None else holdout(table, d.val_ratio, d.seed)
     )
-    images = cache.build(list(table["path"]), d.image_size, d.cache_dir, d.center_crop, progress=progress)
-    return TrainData(table, images, split.train, split.val)
+    images, crop = cache.images_for(d, list(table["path"]), progress)
+    return TrainData(table, images, split.train, split.val, crop.fallbacks)
 
 
 @dataclass(frozen=True)
@@ -484,6 +487,7 @@ def fit(
         stop_reason=stop_reason,
         images_per_s=p.epoch_size * len(c.history) / max(c.train_seconds, 1e-9),
         wall_s=time.perf_counter() - started,
+        face_fallbacks=data.face_fallbacks,
     )
 
 
@@ -498,6 +502,7 @@ def save_run(out: str | Path, cfg: TrainConfig, result: FitResult) -> Path:
             "stop_reason": result.stop_reason,
             "images_per_s": result.images_per_s,
             "wall_s": result.wall_s,
+            "face_crop_fallbacks": result.face_fallbacks,
             "history": [m.to_dict() for m in result.history],
         },
     )
@@ -538,6 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--out {out} is a file; give a directory for the run")
     device = pick_device(args.device)
     weights.ensure([cfg.model])  # missing ImageNet weights stop here, before the images are decoded
+    faces.check(cfg.data)  # and a face boxes table that does not fit the data
     threads = configure_cpu(args.threads)
     data = load_data(cfg)
     print(
@@ -545,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({data.table['person'].nunique()} people), {cfg.model.name} on {device}, {threads} CPU threads",
         file=sys.stderr,
     )
+    if data.face_fallbacks:
+        print(f"{data.face_fallbacks} photos have no face box: cropped at the centre", file=sys.stderr)
     try:
         result = fit(cfg, data, device, progress=True)
     except Diverged as err:

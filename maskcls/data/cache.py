@@ -1,5 +1,6 @@
 """Decode once. JPEG decoding every epoch costs 10-45 CPU cores per GPU; instead every image is
-decoded once, centre-cropped and resized to the configured size, and kept as one uint8 array
+decoded once, cropped (at the centre or around its face box) and resized to the configured size,
+and kept as one uint8 array
 [N, H, W, 3] on disk. Every process memory-maps the same file, so the OS shares it.
 
 The file name is a fingerprint of the file list (paths, sizes, mtimes) and the preprocessing, so
@@ -12,70 +13,82 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from filelock import FileLock
 from PIL import Image
 
+from maskcls.data.faces import Box, Crop, crop_for
 from maskcls.errors import DataError
 from maskcls.progress import bar
 from maskcls.rundir import write_atomic
 
-VERSION = 2  # bump when the preprocessing below changes
+if TYPE_CHECKING:
+    from maskcls.config import DataConfig
+
+VERSION = 3  # bump when the preprocessing below changes
 
 
-def fingerprint(paths: Sequence[str], size: tuple[int, int], center_crop: float) -> str:
-    digest = hashlib.sha256(json.dumps({"version": VERSION, "size": size, "crop": center_crop}).encode())
+def fingerprint(paths: Sequence[str], size: tuple[int, int], crop: Crop) -> str:
+    digest = hashlib.sha256(json.dumps({"version": VERSION, "size": size, "crop": crop.key()}).encode())
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
 
 
-def load_image(path: str, size: tuple[int, int], center_crop: float = 1.0) -> np.ndarray:
-    """One photo as uint8 [H, W, 3]: the central `center_crop` share of it, resized to `size` [H, W].
+def load_image(path: str, size: tuple[int, int], crop: Crop = Crop(), index: int = 0) -> np.ndarray:
+    """One photo (the `index`-th of the crop's list) as uint8 [H, W, 3]: cropped, resized to `size`.
 
-    Exactly the preprocessing written in an export's config.json: full decode, centre crop,
-    bilinear resize. (JPEG draft decoding would be faster but cannot be reproduced outside PIL.)
+    Exactly the preprocessing written in an export's config.json: full decode, crop (centre, or
+    around the face box), bilinear resize. (JPEG draft decoding would be faster but cannot be
+    reproduced outside PIL.)
     """
     height, width = size
     with Image.open(path) as file:
         img = file.convert("RGB")
-        if center_crop < 1:
-            w, h = img.size
-            cw, ch = w * center_crop, h * center_crop
-            img = img.crop(
-                (round((w - cw) / 2), round((h - ch) / 2), round((w + cw) / 2), round((h + ch) / 2))
-            )
+        window = crop.window(index, *img.size)
+        if window != (0, 0, *img.size):
+            img = img.crop(window)
         return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
+
+
+def images_for(
+    data: DataConfig, paths: Sequence[str], progress: bool = True, boxes: Mapping[str, Box] | None = None
+) -> tuple[np.ndarray, Crop]:
+    """The photos preprocessed as `data` says (size, crop), from the cache, and the crop used: what
+    training, prediction and export all decode through, so they crop alike."""
+    crop = crop_for(data, paths, boxes)
+    return build(paths, data.image_size, data.cache_dir, crop, progress=progress), crop
 
 
 def build(
     paths: Sequence[str],
     size: tuple[int, int],
     cache_dir: str | Path,
-    center_crop: float = 1.0,
+    crop: Crop = Crop(),
     workers: int | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """The images as a read-only memory-mapped uint8 array [N, H, W, 3], built if missing."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"images-{fingerprint(paths, size, center_crop)}-{size[0]}x{size[1]}.npy"
+    target = cache_dir / f"images-{fingerprint(paths, size, crop)}-{size[0]}x{size[1]}.npy"
     if not target.exists():
         with FileLock(str(target) + ".lock"):
             if not target.exists():  # another process may have built it while we waited
-                _write(target, paths, size, center_crop, workers, progress)
+                _write(target, paths, size, crop, workers, progress)
     return np.load(target, mmap_mode="r")
 
 
-def _write(target: Path, paths, size, center_crop, workers, progress) -> None:
+def _write(target: Path, paths, size, crop: Crop, workers, progress) -> None:
     def fill(i: int, array: np.ndarray) -> str | None:
         try:
-            array[i] = load_image(paths[i], size, center_crop)
+            array[i] = load_image(paths[i], size, crop, i)
         except (OSError, SyntaxError, ValueError) as err:
             return f"{paths[i]}: not a decodable image ({err})"
         return None

@@ -17,6 +17,7 @@ from PIL import Image
 
 from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.data import cache
+from maskcls.data.faces import Crop
 from maskcls.data.layout import read_layout
 from maskcls.errors import DataError, UserError
 from maskcls.labels import NUM_CLASSES, AgeCutoffs, class_name
@@ -45,7 +46,7 @@ def verify_decodable(paths: Sequence[str], cache_dir: str | Path, progress: bool
     """DataError naming every image that does not decode; checked once per set of files (a marker
     in the cache folder keyed by their names, sizes and times), so a re-run pays only the stats."""
     paths = [p for p in paths if os.path.isfile(p) and os.path.getsize(p)]  # the layout names the rest
-    marker = Path(cache_dir) / f"decodable-{cache.fingerprint(paths, (0, 0), 1.0)}"
+    marker = Path(cache_dir) / f"decodable-{cache.fingerprint(paths, (0, 0), Crop())}"
     if marker.exists():
         return
     problems = undecodable(paths, progress=progress)

@@ -57,6 +57,14 @@ def scan_eval(root: str | Path) -> pd.DataFrame:
     return found.eval
 
 
+def all_photos(root: str | Path) -> list[str]:
+    """Every train and eval photo of a data root (DataError for a broken layout)."""
+    found = read_layout(root)
+    if found.problems:
+        raise DataError(found.problems)
+    return [*found.train["path"], *(found.eval["path"] if found.eval is not None else [])]
+
+
 def read_layout(
     root: str | Path, corrections: str | Path | None = None, cutoffs: AgeCutoffs = AgeCutoffs()
 ) -> Layout:

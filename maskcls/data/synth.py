@@ -7,7 +7,8 @@ Each person is a drawn face whose cues carry the labels with the real task's dif
   so neighbouring ages (57-59 vs 60) look alike and the band edges blur.
 Pose, scale, background and lighting vary; images are JPEG-compressed; a few files are
 `.png`/`.jpeg`, `._` AppleDouble junk and `.ipynb_checkpoints` folders appear as in the real
-archive, and a small share of people carry a wrong label in train.csv.
+archive, and a small share of people carry a wrong label in train.csv. The true face box of every
+photo goes to train/face_boxes.csv and eval/face_boxes.csv (maskcls.data.faces reads them).
 
 Every person is drawn from its own generator seeded by (seed, split, index), so the output is
 byte-identical for the same arguments whatever the number of workers.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from maskcls.cli import HelpFormatter, prog, run_main
+from maskcls.data.faces import COLUMNS, STANDIN_TABLES, Box
 from maskcls.errors import UserError
 from maskcls.labels import MASK_STEMS, AgeCutoffs, Gender, Mask, age_band, encode
 from maskcls.progress import bar
@@ -58,6 +61,9 @@ class Person:
     gender: Gender
     age: int
     race: str = "Asian"
+
+
+SOURCE = "stand-in (true box)"  # the boxes table's source column
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,11 @@ def _face_traits(person: Person, rng: np.random.Generator) -> dict:
     }
 
 
-def _render(traits: dict, mask: Mask, style: int, opts: Options, rng: np.random.Generator) -> Image.Image:
-    """Draw at half resolution and upscale: four times cheaper, and the upscale softens edges."""
+def _render(
+    traits: dict, mask: Mask, style: int, opts: Options, rng: np.random.Generator
+) -> tuple[Image.Image, Box]:
+    """Draw at half resolution and upscale: four times cheaper, and the upscale softens edges.
+    Returns the photo and its true face box (the skin's ellipse, after the head's tilt)."""
     w, h = max(8, opts.width // 2), max(8, opts.height // 2)
     top, bottom = traits["background"]
     ramp = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
@@ -138,9 +147,9 @@ def _render(traits: dict, mask: Mask, style: int, opts: Options, rng: np.random.
     if mask != Mask.NOT_WEAR:
         _draw_mask(draw, box, mask, style, fw, ears=(cx - fw * 1.1, cx + fw * 1.1, cy - 0.2 * fh), rng=rng)
 
-    img = img.rotate(
-        float(rng.normal(0, 6)), resample=Image.Resampling.BILINEAR, fillcolor=tuple(int(c) for c in top)
-    )
+    angle = float(rng.normal(0, 6))
+    img = img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=tuple(int(c) for c in top))
+    face = _face_box((cx, cy, fw, fh), angle, (w, h), (opts.width, opts.height))
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.BoxBlur(1))
 
@@ -150,7 +159,25 @@ def _render(traits: dict, mask: Mask, style: int, opts: Options, rng: np.random.
     pixels = (pixels - 128) * rng.uniform(0.75, 1.2) + 128 + rng.normal(0, 18) + side_light
     pixels += rng.normal(0, rng.uniform(2, 8), size=(h, w, 3)).astype(np.float32)
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    return img.resize((opts.width, opts.height), Image.Resampling.BILINEAR)
+    return img.resize((opts.width, opts.height), Image.Resampling.BILINEAR), face
+
+
+def _face_box(
+    ellipse: tuple[float, float, float, float], angle: float, drawn: tuple[int, int], size: tuple[int, int]
+) -> Box:
+    """The box of the face ellipse (centre, half axes) drawn on a `drawn` canvas, turned `angle`
+    degrees counter-clockwise about the canvas centre as PIL's rotate does, in pixels of the photo."""
+    cx, cy, a, b = ellipse
+    t = math.radians(angle)
+    dx, dy = cx - drawn[0] / 2, cy - drawn[1] / 2
+    x = drawn[0] / 2 + dx * math.cos(t) + dy * math.sin(t)
+    y = drawn[1] / 2 - dx * math.sin(t) + dy * math.cos(t)
+    half_w = math.hypot(a * math.cos(t), b * math.sin(t))
+    half_h = math.hypot(a * math.sin(t), b * math.cos(t))
+    sx, sy = size[0] / drawn[0], size[1] / drawn[1]
+    x0, y0 = max(0.0, (x - half_w) * sx), max(0.0, (y - half_h) * sy)
+    x1, y1 = min(float(size[0]), (x + half_w) * sx), min(float(size[1]), (y + half_h) * sy)
+    return round(x0, 1), round(y0, 1), round(x1, 1), round(y1, 1)
 
 
 def _draw_mask(
@@ -210,16 +237,19 @@ def _encode(img: Image.Image, suffix: str, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def _person_photos(person: Person, rng: np.random.Generator, opts: Options) -> list[tuple[str, Mask, bytes]]:
-    """The seven photos of one person: (stem, true mask status, file bytes with suffix chosen)."""
+def _person_photos(
+    person: Person, rng: np.random.Generator, opts: Options
+) -> list[tuple[str, Mask, bytes, Box]]:
+    """The seven photos of one person: (stem, true mask status, file bytes with suffix chosen, the
+    true face box)."""
     traits = _face_traits(person, rng)
     photos = []
     for stem, mask in MASK_STEMS.items():
         style = int(stem[-1]) - 1 if mask == Mask.WEAR else int(rng.integers(len(MASK_STYLES)))
-        img = _render(traits, mask, style, opts, rng)
+        img, face = _render(traits, mask, style, opts, rng)
         odd = rng.random() < ODD_EXTENSION
         suffix = (".png" if rng.random() < 0.5 else ".jpeg") if odd else ".jpg"
-        photos.append((stem + suffix, mask, _encode(img, suffix, rng)))
+        photos.append((stem + suffix, mask, _encode(img, suffix, rng), face))
     return photos
 
 
@@ -240,24 +270,27 @@ def _train_job(args: tuple[int, int, Options, str]) -> dict:
     target = Path(out) / "train" / "images" / folder
     target.mkdir(parents=True, exist_ok=True)
     photos = _person_photos(person, rng, opts)
-    for name, _, data in photos:
+    boxes = []
+    for name, _, data, face in photos:
         (target / name).write_bytes(data)
+        boxes.append((f"train/images/{folder}/{name}", *face))
     if rng.random() < JUNK_SHARE:
         (target / f"._{photos[0][0]}").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
-    return {"id": pid, "gender": gender, "race": recorded.race, "age": str(recorded.age), "path": folder}
+    row = {"id": pid, "gender": gender, "race": recorded.race, "age": str(recorded.age), "path": folder}
+    return {**row, "boxes": boxes}
 
 
-def _eval_job(args: tuple[int, int, Options, str]) -> list[tuple[str, int]]:
+def _eval_job(args: tuple[int, int, Options, str]) -> list[tuple[str, int, Box]]:
     seed, index, opts, out = args
     rng = np.random.default_rng([seed, 1, index])
     person = draw_person(rng)
     rows = []
-    for name, mask, data in _person_photos(person, rng, opts):
+    for name, mask, data, face in _person_photos(person, rng, opts):
         digest = hashlib.sha1(f"{seed}/{index}/{name}".encode()).hexdigest()
         image_id = digest + Path(name).suffix
         (Path(out) / "eval" / "images" / image_id).write_bytes(data)
         band = age_band(person.age, AgeCutoffs())
-        rows.append((image_id, int(encode(mask, person.gender, band))))
+        rows.append((image_id, int(encode(mask, person.gender, band)), face))
     return rows
 
 
@@ -305,11 +338,15 @@ def generate(
             ["id", "gender", "race", "age", "path"],
             [[r[k] for k in ("id", "gender", "race", "age", "path")] for r in train_rows],
         )
+        boxes = [[*box, 1.0, SOURCE] for r in train_rows for box in r["boxes"]]
+        _write_csv(tmp / STANDIN_TABLES[0], list(COLUMNS), boxes)
         if eval_people:
             order = np.random.default_rng([seed, 2]).permutation(len(eval_rows))
             shuffled = [eval_rows[i] for i in order]
-            _write_csv(tmp / "eval" / "info.csv", ["ImageID", "ans"], [[i, 0] for i, _ in shuffled])
-            _write_csv(tmp / "eval" / "gt.csv", ["ImageID", "ans"], [[i, a] for i, a in shuffled])
+            _write_csv(tmp / "eval" / "info.csv", ["ImageID", "ans"], [[i, 0] for i, _, _ in shuffled])
+            _write_csv(tmp / "eval" / "gt.csv", ["ImageID", "ans"], [[i, a] for i, a, _ in shuffled])
+            boxes = [[f"eval/images/{i}", *box, 1.0, SOURCE] for i, _, box in shuffled]
+            _write_csv(tmp / STANDIN_TABLES[1], list(COLUMNS), boxes)
     return out
 
 
