@@ -4,6 +4,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +51,13 @@ def write_spec(tmp_path, root, name="t", epochs=EPOCH_CHOICES, **extra):
     return path
 
 
+def _interruptible():
+    """In the child before exec: Ctrl-C (SIGINT) as a terminal gives it. A suite started as a
+    background job of a non-interactive shell runs with SIGINT ignored, and Python keeps an ignored
+    SIGINT ignored, so hpo.run would never see the tests' Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def hpo_run(spec, storage, *args, **popen):
     command = [
         sys.executable,
@@ -62,6 +70,7 @@ def hpo_run(spec, storage, *args, **popen):
         "--no-progress",
         *args,
     ]
+    popen.setdefault("preexec_fn", _interruptible)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 

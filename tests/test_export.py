@@ -142,7 +142,8 @@ def test_the_exports_recipe_yaml_reruns_the_trial_and_is_a_specs_fixed_values(ex
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp)
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "again" / "config.json").read_text())["train_config"] == recipe
-    (tmp_path / "again.yaml").write_text(yaml.safe_dump({"study": "again", "fixed": recipe}))
+    space = {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}  # a spec searches something
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump({"study": "again", "fixed": recipe, "space": space}))
     assert specs.load(str(tmp_path / "again.yaml")).base.to_dict() == recipe
 
 
