@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check in one call (about 5 minutes on one GPU):
-#   bash bench/gpu_check.sh                       # on a machine with a CUDA GPU
-#   bash bench/gpu_check.sh --device cpu --quick  # the same steps, small, on the CPU (< 4 min)
-# Steps: pytest -m cuda (real CUDA tests), bench/data_path.py at 128x96 and 224x224 (resnet18, bf16,
-# channels_last), a 6-trial hpo.run with --trials-per-gpu 2, export-best with its ONNX check. One
-# table is printed and written to $OUT/gpu_check.md when $OUT is set (see bench/gpu_check.py).
+# The GPU check in one device call (at most 480 s on one GPU, by construction: every step has its
+# own budget; a step that runs out is marked so and the others still run):
+#   bash bench/gpu_check.sh [--out DIR]                       # on a machine with a CUDA GPU
+#   bash bench/gpu_check.sh --device cpu --quick --out DIR    # every step's code path on the CPU
+# DIR (default $OUT, else runs/gpu-check) receives each step's log and the result table as they
+# are written, so a call cut off still returns what was done. The steps: bench/gpu_check.py.
 #
 # A GPU machine without the Optuna stack and without network: on a machine with the package index
-# run `bash ../shared/tools/gpu-wheels.sh` (it fills .whl/ with wheels for Python 3.12), carry .whl
-# along; this script installs them into /tmp/site when optuna is missing. PYTHON picks the
+# run `bash ../shared/tools/gpu-wheels.sh` (it reads bench/gpu-wheels.txt and fills .whl/), carry
+# .whl along; this script installs them into /tmp/site when optuna is missing. PYTHON picks the
 # interpreter (default: .venv/bin/python when present, else python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -25,10 +25,23 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from hpo import space, tracking
+from hpo.failures import (
+    CudaPoisoned,
+    DiskFull,
+    NotTheRecipe,
+    OutOfMemory,
+    Surplus,
+    TrialFailed,
+    WaitedForMemory,
+    WorkerStops,
+    cuda_poisoned,
+    disk_full,
+    out_of_memory,
+)
 from hpo.outage import StorageUnreachable
 from hpo.protocol import INTERRUPTED, Attr, worker_id
 from hpo.spec import StudySpec
-from maskcls import memory, plots
+from maskcls import memory
 from maskcls.checkpoint import CheckpointFile
 from maskcls.config import TrainConfig
 from maskcls.infer import autocast, cpu_latency_ms
@@ -47,18 +60,13 @@ from maskcls.train import (
 
 CLASS_NAMES = [class_name(c) for c in range(NUM_CLASSES)]  # the competition's cutoffs, as scored
 MEMORY_WAIT_S = 3600  # how long a trial waits for GPU memory held by the trials beside it
-# Failures that say nothing about the recipe: they do not count towards a worker's failure streak.
-SURPLUS, WAITED = "surplus", "waited for GPU memory"
 ACTIVE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
 
 
-class TrialFailed(Exception):
-    """A trial that failed for a recorded reason; the worker goes on with the next one."""
-
-
-def fail(trial: optuna.Trial, reason: str) -> TrialFailed:
+def fail(trial: optuna.Trial, reason: str, kind: type[TrialFailed] = TrialFailed) -> TrialFailed:
+    """The failure `kind` with its reason, recorded on the trial."""
     trial.set_user_attr(Attr.FAIL_REASON, reason)
-    return TrialFailed(reason)
+    return kind(reason)
 
 
 def refuse_surplus(trial: optuna.Trial, target: int) -> None:
@@ -66,13 +74,7 @@ def refuse_surplus(trial: optuna.Trial, target: int) -> None:
     with the lowest numbers keep their slots, a later one fails at once without training."""
     ahead = [t for t in trial.study.get_trials(deepcopy=False, states=ACTIVE) if t.number < trial.number]
     if len(ahead) >= target:
-        raise fail(trial, f"{SURPLUS}: {target} trials were already finished or running")
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err))
-    )
+        raise fail(trial, f"surplus: {target} trials were already finished or running", Surplus)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -106,7 +108,8 @@ def hold_gpu_memory(trial: optuna.Trial, cfg: TrainConfig, n_images: int, device
             retried_from = trial.user_attrs.get(Attr.RETRIED_FROM)  # a retry's checkpoint stays its own
             user_attrs = {Attr.RETRIED_FROM: retried_from} if retried_from is not None else None
             trial.study.enqueue_trial(trial.params, user_attrs=user_attrs)
-            raise fail(trial, f"{WAITED}: {err}; its parameters are queued again") from None
+            reason = f"waited for GPU memory: {err}; its parameters are queued again"
+            raise fail(trial, reason, WaitedForMemory) from None
         raise fail(
             trial, f"does not fit on {torch.cuda.get_device_name(device)}: {err}; need {need}"
         ) from None
@@ -144,16 +147,16 @@ def make_objective(
         except KeyboardInterrupt:  # the checkpoint stays: the trial is queued again and resumes
             trial.set_user_attr(Attr.FAIL_REASON, INTERRUPTED)
             raise
-        except StorageUnreachable:
+        except (StorageUnreachable, NotTheRecipe):  # it runs again: its checkpoint stays
             raise
-        except (optuna.TrialPruned, TrialFailed) as err:
-            if not str(err).startswith(WAITED):  # one that waited for memory runs again, resuming
-                _discard(checkpoint)
-            raise
-        except Exception as err:
-            trial.set_user_attr(Attr.FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
+        except (optuna.TrialPruned, TrialFailed):
             _discard(checkpoint)
             raise
+        except Exception as err:
+            kind = unexpected(trial, err, checkpoint)
+            if kind is None:
+                raise  # a bug: Optuna writes its traceback to the worker's log
+            raise kind from err
         _discard(checkpoint)
         return value
 
@@ -184,27 +187,46 @@ def make_objective(
         if checkpoint is not None:
             checkpoint.key = recipe_key(cfg, device)
             continue_from(checkpoint, trial, trackers, report=not spec.multi)
-        out_of_memory = None
+        no_memory = None
         try:
             result = fit(cfg, data, device, reporter(trial, trackers, spec.multi), checkpoint=checkpoint)
         except Diverged as err:
             raise fail(trial, f"diverged: {err}") from None
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-            if not _is_oom(err):
+        except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one
+            if not out_of_memory(err):
                 raise
-            out_of_memory = (
+            no_memory = (
                 f"out of memory on {device} "
                 f"(batch_size={cfg.train.batch_size}, image_size={list(cfg.data.image_size)})"
             )
-        if out_of_memory is not None:
+        if no_memory is not None:
             # Only out here are the error's traceback, and the trial's tensors its frames hold, gone.
             memory.release(device)
-            raise fail(trial, out_of_memory)
+            raise fail(trial, no_memory, OutOfMemory)
+        if checkpoint is not None and checkpoint.set_aside is not None:  # found unfit when restored
+            trial.set_user_attr(Attr.CHECKPOINT_SET_ASIDE, checkpoint.set_aside[:500])
         _record(trial, cfg, result, device, artifacts, trackers)
         f1 = validated(result.best_val_macro_f1)
         return [f1, *measure(trial, spec.objectives[1:], result.model, cfg)] if spec.multi else f1
 
     return objective
+
+
+def unexpected(trial: optuna.Trial, err: Exception, checkpoint: CheckpointFile | None) -> WorkerStops | None:
+    """What an error no code of ours raised means, its reason recorded on the trial: a full disk or a
+    broken CUDA context stop the worker (the trial is queued again and resumes from its checkpoint);
+    anything else is a bug (None), and the trial's checkpoint goes."""
+    full = disk_full(err)
+    if full is not None:
+        reason = f"no space left on the device of {full or 'a folder it writes'}"
+        trial.set_user_attr(Attr.FAIL_REASON, reason)
+        return DiskFull(reason)
+    reason = f"{type(err).__name__}: {err}"[:500]
+    trial.set_user_attr(Attr.FAIL_REASON, reason)
+    if cuda_poisoned(err):
+        return CudaPoisoned(reason)
+    _discard(checkpoint)
+    return None
 
 
 def reporter(trial: optuna.Trial, trackers: tracking.Trackers, multi: bool) -> OnEpoch:
@@ -228,10 +250,17 @@ def continue_from(
     """A retried trial goes on from its predecessor's checkpoint, if it left one for this recipe;
     its trackers get the inherited epochs too, so that its run shows the whole curve."""
     saved = checkpoint.peek()
+    try:
+        history = [EpochMetrics(**m) for m in saved["course"]["history"]] if saved is not None else []
+    except (KeyError, TypeError) as err:  # written by a version whose metrics had other fields
+        checkpoint.refuse(f"{type(err).__name__}: {err}")
+        saved = None
+    if checkpoint.set_aside is not None:
+        trial.set_user_attr(Attr.CHECKPOINT_SET_ASIDE, checkpoint.set_aside[:500])
     if saved is None:
         return
-    for metrics in saved["course"]["history"]:
-        trackers.epoch(EpochMetrics(**metrics))
+    for metrics in history:
+        trackers.epoch(metrics)
     resume(trial, saved["course"], report=report)
 
 
@@ -335,7 +364,10 @@ def _record(
 
 def _artifact_files(tmp: Path, cfg: TrainConfig, result: FitResult) -> list[Path]:
     """What the dashboard and MLflow show of a complete trial: learning curves, confusion matrix,
-    config.json and metrics.json."""
+    config.json and metrics.json. (matplotlib loads here: a worker whose trials are all pruned
+    never needs it.)"""
+    from maskcls import plots
+
     best = result.history[result.best_epoch - 1]
     predicted = np.asarray(result.val_probs).argmax(1)
     # Validation is scored in the competition's classes, whatever cutoffs trained the model.

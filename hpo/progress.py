@@ -15,8 +15,9 @@ import optuna
 from tqdm import tqdm
 
 from hpo.protocol import Attr, artifacts_dir, ranked
-from hpo.spec import STUDIES_DIR, StudySpec
+from hpo.spec import StudySpec
 from hpo.storage import counts, masked, resolve_url, tally
+from maskcls import specfiles
 from maskcls.labels import NUM_CLASSES
 from maskcls.progress import EVERY_S, on_terminal
 
@@ -90,6 +91,8 @@ class Progress:
         for t in trials:
             before = self.seen.get(t.number)
             if t.state == RUNNING:
+                if before != RUNNING and Attr.CONFIG not in t.user_attrs:
+                    continue  # its worker has not drawn its parameters yet: said once it has
                 if before != RUNNING:
                     where = slot_of.get(t.user_attrs.get(Attr.WORKER, ""), "a worker")
                     params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
@@ -184,7 +187,7 @@ def command(name: str, module: str, spec: StudySpec, url: str, artifacts: Path) 
     the storage unless it resolves by itself (a password shows as ***: put the URL in $HPO_STORAGE)."""
     console = Path(sys.executable).parent / "mask-hpo"
     words = [str(console), name] if console.is_file() else [sys.executable, "-m", module]
-    words += ["--study", spec.name if spec.path.parent == STUDIES_DIR else str(spec.path)]
+    words += ["--study", spec.name if specfiles.is_shipped(spec.path) else str(spec.path)]
     if url != resolve_url(None, spec):
         words += ["--storage", masked(url)]
     if artifacts != artifacts_dir(None, spec.runs_dir):

@@ -34,6 +34,7 @@ class Attr:
     FAIL_REASON = "fail_reason"
     RETRIED_FROM = "retried_from"  # on a re-queued trial: the number of the trial it retries
     RESUMED_AT = "resumed_at_epoch"  # the epoch of the checkpoint a retried trial continued from
+    CHECKPOINT_SET_ASIDE = "checkpoint_set_aside"  # why a retry started afresh: its checkpoint was unusable
     BEST_EPOCH = "best_epoch"
     PER_CLASS_F1 = "per_class_f1"  # class name -> F1 at the best epoch
     ATTRIBUTE_ACCURACY = "attribute_accuracy"  # mask, gender, age_band -> accuracy at the best epoch
@@ -59,6 +60,8 @@ class Exit:
     USAGE = 2  # bad input: one `error:` line says what to fix (maskcls.cli.run_main)
     TOO_MANY_FAILURES = 3  # a worker saw five failed trials in a row
     STORAGE_LOST = 4  # the storage stayed unreachable past the outage window
+    CUDA_POISONED = 5  # the worker's CUDA context broke (hpo.failures.CudaPoisoned): start a fresh one
+    DISK_FULL = 6  # no space left where a trial writes (hpo.failures.DiskFull): the run stops
     INTERRUPTED = 130  # Ctrl-C or SIGTERM
 
 
@@ -104,6 +107,7 @@ def quiet_experimental() -> Iterator[None]:
 
 
 STORAGE_ENV = "HPO_STORAGE"  # how a worker gets the storage URL: never on its command line
+MLFLOW_ENV = "HPO_MLFLOW"  # and the MLflow tracking URI, which may hold a password too
 
 
 @dataclass(frozen=True)
@@ -121,19 +125,19 @@ class WorkerArgs:
     deadline: float | None = None  # start no trial after this UNIX time
     parent: int | None = None  # the dispatcher's pid: the worker stops when it is gone
     tensorboard: str | None = None  # write each trial's per-epoch scalars under DIR/<study>/trial-<n>
-    mlflow: str | None = None  # log each trial as an MLflow run at this tracking URI
+    mlflow: str | None = None  # log each trial as an MLflow run at this tracking URI (in the environment)
 
     def to_argv(self) -> list[str]:
         argv = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if value is not None and f.name != "mlflow":
                 argv += [f"--{f.name}", str(value)]
         return argv
 
-    @staticmethod
-    def storage_env(url: str) -> dict[str, str]:
-        return {STORAGE_ENV: url}
+    def secrets_env(self, storage_url: str) -> dict[str, str]:
+        """What the worker gets through its environment: the storage URL, the MLflow URI."""
+        return {STORAGE_ENV: storage_url, **({MLFLOW_ENV: self.mlflow} if self.mlflow else {})}
 
     @staticmethod
     def storage() -> str:
@@ -149,9 +153,11 @@ class WorkerArgs:
         )
         kinds: dict[str, Any] = {"str": str, "int": int, "float": float}
         for f in dataclasses.fields(cls):
+            if f.name == "mlflow":
+                continue
             kind = kinds[str(f.type).split(" |")[0]]
             required = f.default is dataclasses.MISSING
             parser.add_argument(
                 f"--{f.name}", type=kind, required=required, default=None if required else f.default
             )
-        return cls(**vars(parser.parse_args(argv)))
+        return cls(**vars(parser.parse_args(argv)), mlflow=os.environ.get(MLFLOW_ENV) or None)

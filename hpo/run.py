@@ -39,14 +39,26 @@ from hpo.protocol import (
     quiet_experimental,
     worker_id,
 )
-from hpo.storage import counts, masked, open_storage, requeue, resolve_url, setup_lock
+from hpo.storage import (
+    counts,
+    masked,
+    open_storage,
+    parse_url,
+    requeue,
+    resolve_url,
+    setup_lock,
+    study_deleted,
+)
 from hpo.tracking import check_available
 from maskcls import weights
 from maskcls.cli import HelpFormatter, prog, run_main
-from maskcls.errors import UserError
+from maskcls.errors import UserError, quoted
 from maskcls.runtime import add_threads_argument, owned_cores
 
 MAX_RESTARTS_PER_SLOT = 5
+# CUDA errors that broke a worker's context (hpo.failures.CudaPoisoned), from this many different
+# trials on one GPU within the window, take that GPU out of the rotation; fewer are the trials' own.
+CUDA_ERRORS_TO_RETIRE, CUDA_ERROR_WINDOW_S = 3, 1800.0
 STOP_GRACE_S = 30  # after Ctrl-C/SIGTERM, workers get this long to mark their trials failed
 STALE_TMP_S = 3600  # a checkpoint being written is never this old
 
@@ -63,6 +75,7 @@ class Slot:
     log: Path | None = None
     restarts: int = 0
     done: bool = False
+    retired: bool = False  # its GPU kept breaking CUDA contexts: no worker runs here any more
 
     @property
     def worker(self) -> str:
@@ -118,7 +131,7 @@ def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None, threads: int 
         try:
             ids = [int(g) for g in gpus.split(",") if g.strip()]
         except ValueError:
-            raise UserError(f"--gpus takes all or a list such as 0,1, got {gpus!r}") from None
+            raise UserError(f"--gpus takes all or a list such as 0,1, got {quoted(gpus)}") from None
     missing = [g for g in ids if not 0 <= g < len(visible)]
     if missing or not ids:
         have = f"GPUs 0-{len(visible) - 1}" if visible else "no GPU"
@@ -128,7 +141,12 @@ def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None, threads: int 
         )
     share = threads or max(1, owned_cores() // (len(ids) * per_gpu))
     return [
-        Slot(f"gpu{g}.{k}", "cuda", {"CUDA_VISIBLE_DEVICES": visible[g]}, share)
+        Slot(
+            f"gpu{g}.{k}",
+            "cuda",
+            {"CUDA_VISIBLE_DEVICES": visible[g], "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
+            share,
+        )
         for g in ids
         for k in range(per_gpu)
     ]
@@ -192,6 +210,7 @@ class Dispatcher:
     ):
         self.spec, self.study, self.url, self.slots, self.args = spec, study, url, slots, args
         self.progress = progress
+        self.cuda_errors: dict[str, list[tuple[float, int]]] = {}  # GPU -> (when, trial lineage)
         self.log_dir = spec.runs_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -201,7 +220,7 @@ class Dispatcher:
         with open(slot.log, "a") as log:
             slot.proc = subprocess.Popen(
                 [sys.executable, "-m", "hpo.worker", *args.to_argv()],
-                env={**os.environ, **slot.env, **WorkerArgs.storage_env(self.url)},
+                env={**os.environ, **slot.env, **args.secrets_env(self.url)},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -234,6 +253,14 @@ class Dispatcher:
                 self.progress.update(self.study, [s.status() for s in self.slots])
                 time.sleep(1.0)
             self.progress.update(self.study, [s.status() for s in self.slots])
+        except KeyError:  # Optuna's "Record does not exist": was the study deleted meanwhile?
+            if not study_deleted(self.study._storage, self.spec.name):
+                raise
+            self.stop(None)
+            print(
+                f"error: study {self.spec.name} was deleted from the storage during the run", file=sys.stderr
+            )
+            return Exit.FAILED
         finally:
             self.progress.close()
         return Exit.OK
@@ -248,6 +275,20 @@ class Dispatcher:
             elif code == Exit.STORAGE_LOST:
                 self.stop("stopping: a worker lost the storage")
                 raise StorageUnreachable(f"a worker could not reach it for {self.spec.heartbeat.outage} s")
+            elif code == Exit.USAGE:  # the spec asks for something that cannot be (an unknown backbone)
+                self.stop(None)
+                raise UserError(self.error_line(slot))
+            elif code == Exit.DISK_FULL:
+                self.stop(None)
+                print(
+                    f"error: {self.error_line(slot)}; free some space and re-run the same command",
+                    file=sys.stderr,
+                )
+                return Exit.FAILED
+            elif code == Exit.CUDA_POISONED:
+                stop = self.cuda_broke(slot)
+                if stop is not None:
+                    return stop
             elif code == Exit.TOO_MANY_FAILURES:
                 self.stop("stopping: a worker saw too many failed trials in a row")
                 print(self.log_tail(slot), file=sys.stderr)
@@ -266,9 +307,46 @@ class Dispatcher:
                 self.start(slot)
         return None
 
-    def stop(self, message: str) -> None:
+    def cuda_broke(self, slot: Slot) -> int | None:
+        """The slot's worker exited on a broken CUDA context, its trial failed and queued again: a
+        fresh worker takes the slot, unless trials of several recipes broke on this GPU lately."""
+        gpu = slot.env.get("CUDA_VISIBLE_DEVICES") or slot.name
+        failed = [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+            if t.user_attrs.get(Attr.WORKER) == slot.worker
+        ]
+        now = time.monotonic()
+        events = self.cuda_errors.setdefault(gpu, [])
+        events += [(now, t.system_attrs.get("failed_trial", t.number)) for t in failed]
+        recent = sorted({lineage for when, lineage in events if now - when <= CUDA_ERROR_WINDOW_S})
+        numbers = ", ".join(str(t.number) for t in failed) or "none"
+        if len(recent) < CUDA_ERRORS_TO_RETIRE:
+            self.progress.note(
+                f"worker {slot.name} exited on a CUDA error (trial {numbers}, queued again); "
+                f"starting a fresh worker there; log: {slot.log}"
+            )
+            self.start(slot)
+            return None
+        shown = gpu if gpu == slot.name else f"GPU {gpu}"
+        self.progress.note(
+            f"{shown}: CUDA errors broke trials of {len(recent)} recipes (trials {recent}) within "
+            f"{CUDA_ERROR_WINDOW_S / 60:.0f} min; taking it out of the rotation; log: {slot.log}"
+        )
+        for other in self.slots:
+            if (other.env.get("CUDA_VISIBLE_DEVICES") or other.name) == gpu:
+                other.done = other.retired = True
+                if other.proc is not None and other.proc.poll() is None:
+                    other.proc.send_signal(signal.SIGINT)  # its trial is failed and queued again
+        if all(s.retired for s in self.slots):
+            self.stop("stopping: every device is out of the rotation")
+            return Exit.FAILED
+        return None
+
+    def stop(self, message: str | None) -> None:
         """Interrupt every worker, let each mark its trial failed, and make sure none stays RUNNING."""
-        self.progress.note(message)
+        if message is not None:
+            self.progress.note(message)
         live = [s.proc for s in self.slots if s.proc and s.proc.poll() is None]
         for proc in live:
             proc.send_signal(signal.SIGINT)
@@ -279,9 +357,15 @@ class Dispatcher:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        with contextlib.suppress(StorageUnreachable):  # then the heartbeat fails them later
+        with contextlib.suppress(StorageUnreachable, KeyError):  # then the heartbeat fails them later
             for slot in self.slots:
                 self.fail_trials_of(slot, INTERRUPTED)
+
+    def error_line(self, slot: Slot) -> str:
+        """The `error:` line a worker ended with (maskcls.cli.run_main wrote it to its log)."""
+        text = slot.log.read_text(errors="replace").splitlines() if slot.log and slot.log.exists() else []
+        errors = [line.removeprefix("error: ") for line in text if line.startswith("error: ")]
+        return errors[-1] if errors else f"worker {slot.name} refused the spec; see {slot.log}"
 
     def log_tail(self, slot: Slot, lines: int = 15) -> str:
         text = slot.log.read_text(errors="replace").splitlines() if slot.log and slot.log.exists() else []
@@ -351,7 +435,7 @@ def open_study(spec: specs.StudySpec, storage: ResilientStorage) -> optuna.Study
         )
         if [d.name.lower() for d in study.directions] != spec.directions:
             raise UserError(
-                f"study {spec.name!r} in this storage optimises {len(study.directions)} objective(s), "
+                f"study {quoted(spec.name)} in this storage optimises {len(study.directions)} objective(s), "
                 f"the spec {len(spec.objectives)} ({', '.join(spec.objectives)}); use another study name "
                 "or storage"
             )
@@ -392,9 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--n-trials must be at least 1, got {target}")
     slots = gpu_slots(args.gpus, args.trials_per_gpu, args.workers, args.threads)
     url = resolve_url(args.storage, spec)
-    storage = open_storage(url, spec.heartbeat, on_outage=outage_note)
-    prepare_data(spec)  # a data or weights problem stops here, before anything is written to the storage
+    parse_url(url)  # a URL that does not parse stops here, before the photos are checked
+    prepare_data(spec)  # a data or weights problem stops here, before the storage is even opened
     check_weights(spec)
+    storage = open_storage(url, spec.heartbeat, on_outage=outage_note)
     try:
         return search(args, spec, target, slots, url, storage)
     except StorageUnreachable as err:
@@ -455,6 +540,8 @@ def search(
         print(summary(study, target, spec, url, artifacts), file=sys.stderr)
         print("re-run the same command to continue the study", file=sys.stderr)
         return Exit.INTERRUPTED
+    if code != Exit.OK and study_deleted(storage, spec.name):
+        return code  # it said so; nothing is left to sum up
     sweep_checkpoints(study, checkpoints_dir(artifacts, spec.name))
     print(summary(study, target, spec, url, artifacts))
     return code

@@ -4,6 +4,9 @@ Started by the dispatcher with CUDA_VISIBLE_DEVICES pinned (or a share of the CP
 meant to be run by hand. Each trial goes through `study.optimize(n_trials=1)`, which brings
 Optuna's heartbeat thread, stale-trial recovery and FAIL-on-interrupt. The target counts finished
 (complete + pruned) trials in the storage, so it holds across workers, machines and re-runs.
+
+PyTorch, timm and the objective load once the arguments are read (`work`), so that `--help`
+and a refused start cost a second, not the ten of a trainer's imports.
 """
 
 from __future__ import annotations
@@ -15,31 +18,30 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
-import torch
-from optuna.artifacts import FileSystemArtifactStore
 
 from hpo import spec as specs
-from hpo.objective import SURPLUS, WAITED, TrialFailed, make_objective
+from hpo.failures import NotTheRecipe, WorkerStops
 from hpo.outage import StorageUnreachable
 from hpo.protocol import (
-    INTERRUPTED,
     Attr,
     Exit,
     WorkerArgs,
     checkpoints_dir,
     quiet_experimental,
-    worker_id,
 )
-from hpo.storage import counts, open_storage, requeue
+from hpo.storage import counts, open_storage, requeue, study_deleted
 from hpo.tracking import Targets
-from maskcls import memory
+from maskcls import weights
 from maskcls.cli import run_main
-from maskcls.infer import pick_device
 from maskcls.runtime import configure_cpu
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_CONSECUTIVE_FAILURES = 5
 
@@ -65,19 +67,34 @@ def watch_parent(parent: int | None, every_s: float = 1.0) -> None:
         threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def requeue_interrupted(study: optuna.Study, max_retry: int) -> None:
-    """Ctrl-C or SIGTERM failed this worker's trial (Optuna marks it FAIL): queue it again, so the
-    next run continues it from its checkpoint instead of sampling something else."""
+def requeue_own(study: optuna.Study, number: int | None, max_retry: int) -> None:
+    """Queue this worker's failed trial again (the one Ctrl-C, SIGTERM or a broken CUDA context
+    stopped, or a full disk), so that it continues from its checkpoint instead of something else
+    being sampled."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(Attr.RETRIED_FROM) for t in trials}
-    for trial in trials:
-        if (
-            trial.state == optuna.trial.TrialState.FAIL
-            and trial.user_attrs.get(Attr.WORKER) == worker_id()
-            and str(trial.user_attrs.get(Attr.FAIL_REASON, "")).startswith(INTERRUPTED)
-            and trial.number not in retried
-        ):
-            requeue(study, trial, max_retry)
+    if number is None or any(t.user_attrs.get(Attr.RETRIED_FROM) == number for t in trials):
+        return
+    trial = next((t for t in trials if t.number == number), None)
+    if trial is not None and trial.state == optuna.trial.TrialState.FAIL:
+        requeue(study, trial, max_retry)
+
+
+class Watched:
+    """The objective, remembering the trial it ran last and what that trial raised: the worker's
+    failure streak and its re-queues go by the failure's kind (hpo.failures)."""
+
+    def __init__(self, objective: Callable[[optuna.Trial], float | list[float]]):
+        self.objective = objective
+        self.number: int | None = None
+        self.error: BaseException | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        self.number, self.error = trial.number, None
+        try:
+            return self.objective(trial)
+        except BaseException as err:
+            self.error = err
+            raise
 
 
 def log(message: str) -> None:
@@ -85,7 +102,13 @@ def log(message: str) -> None:
 
 
 def work(spec: specs.StudySpec, args: WorkerArgs, poll_s: float = 1.0) -> int:
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from hpo.objective import make_objective
+    from maskcls.infer import pick_device
+
     device = pick_device(args.device)
+    weights.check_names(spec.models)  # every backbone the spec can choose, before any trial
     storage = open_storage(WorkerArgs.storage(), spec.heartbeat, on_outage=log, wait=True)
     study = optuna.load_study(
         study_name=spec.name,
@@ -96,28 +119,38 @@ def work(spec: specs.StudySpec, args: WorkerArgs, poll_s: float = 1.0) -> int:
     store = FileSystemArtifactStore(args.artifacts) if args.artifacts else None
     checkpoints = checkpoints_dir(Path(args.artifacts), spec.name) if args.artifacts else None
     targets = Targets(args.tensorboard, args.mlflow)
-    objective = make_objective(spec, device, args.target, store, checkpoints, targets)
+    objective = Watched(make_objective(spec, device, args.target, store, checkpoints, targets))
     try:
         return trials(study, objective, args, device, poll_s)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, WorkerStops) as err:
         with contextlib.suppress(StorageUnreachable):  # then the heartbeat re-queues it later
-            requeue_interrupted(study, spec.heartbeat.max_retry)
-        raise
-    except Exception:  # Optuna's own bookkeeping fails in odd ways once the storage is gone
-        if not storage.outage.gave_up:
+            requeue_own(study, objective.number, spec.heartbeat.max_retry)
+        if isinstance(err, KeyboardInterrupt):
             raise
-        log(f"error: storage unreachable for more than {spec.heartbeat.outage} s; stopping this worker")
-        return Exit.STORAGE_LOST
+        print(f"error: trial {objective.number}: {err}; it is queued again", file=sys.stderr, flush=True)
+        return err.exit_code
+    except Exception:  # Optuna's own bookkeeping fails in odd ways once the storage or study is gone
+        if storage.outage.gave_up:
+            log(f"error: storage unreachable for more than {spec.heartbeat.outage} s; stopping this worker")
+            return Exit.STORAGE_LOST
+        if study_deleted(storage, spec.name):
+            log(f"error: study {spec.name} was deleted from the storage; stopping this worker")
+            return Exit.FAILED
+        raise
 
 
-def trials(study: optuna.Study, objective, args: WorkerArgs, device: torch.device, poll_s: float) -> int:
+def trials(
+    study: optuna.Study, objective: Watched, args: WorkerArgs, device: torch.device, poll_s: float
+) -> int:
+    from maskcls.memory import release
+
     failures: list[str] = []
 
     def note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         reason = trial.user_attrs.get(Attr.FAIL_REASON, "")
         if trial.state != optuna.trial.TrialState.FAIL:
             failures.clear()
-        elif not reason.startswith((SURPLUS, WAITED)):
+        elif not isinstance(objective.error, NotTheRecipe):
             failures.append(f"trial {trial.number}: {reason or 'see the log above'}")
 
     while True:
@@ -129,8 +162,12 @@ def trials(study: optuna.Study, objective, args: WorkerArgs, device: torch.devic
         if now["finished"] + now["running"] >= args.target:  # the last trials are running elsewhere
             time.sleep(poll_s)
             continue
-        study.optimize(objective, n_trials=1, catch=(TrialFailed, Exception), callbacks=[note])
-        memory.release(device)  # every trial's GPU memory goes back, so the trial beside it can have it
+        # Every failure kind ends its trial only, a bug (any other Exception) too, its traceback in
+        # this log; but one that every later trial here would share ends the worker as well.
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[note])
+        if isinstance(objective.error, WorkerStops):
+            raise objective.error
+        release(device)  # every trial's GPU memory goes back, so the trial beside it can have it
         if len(failures) >= MAX_CONSECUTIVE_FAILURES:
             print(
                 f"error: {len(failures)} trials failed in a row on this worker; stopping it. "

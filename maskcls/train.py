@@ -219,7 +219,9 @@ class Parts:
     """What fit builds from the config before its first step, all on the run's device."""
 
     model: models.Classifier
-    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, compiled with train.compile
+    # The training forward (the model, or its forward_with_age with the age head), compiled with
+    # train.compile in either case.
+    forward: Callable[[torch.Tensor], Any]
     loss_fn: losses.Loss
     optimizer: torch.optim.Optimizer
     schedule: Schedule
@@ -245,9 +247,10 @@ def setup(cfg: TrainConfig, data: TrainData, device: torch.device) -> Parts:
     optimizer = build_optimizer(model, cfg.optim)
     steps_per_epoch = math.ceil(n_batches / cfg.train.accumulate)
     amp, amp_dtype = autocast(cfg, device)
+    forward = model.forward_with_age if cfg.model.age_aux_weight > 0 else model
     return Parts(
         model=model,
-        forward=torch.compile(model) if cfg.train.compile else model,
+        forward=torch.compile(forward) if cfg.train.compile else forward,
         loss_fn=losses.build(cfg.loss, np.bincount(train_labels, minlength=NUM_CLASSES), device),
         optimizer=optimizer,
         schedule=build_schedule(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch, cfg.train.epochs),
@@ -267,22 +270,41 @@ def setup(cfg: TrainConfig, data: TrainData, device: torch.device) -> Parts:
 
 
 def step_loss(
-    model: models.Classifier,
-    forward: Callable[[torch.Tensor], torch.Tensor],
+    forward: Callable[[torch.Tensor], Any],
     loss_fn: losses.Loss,
     cfg: TrainConfig,
     x: torch.Tensor,
     targets: torch.Tensor,
 ) -> torch.Tensor:
     """A batch's training loss: the classes', plus the age head's when model.age_aux_weight > 0
-    (the targets' last column is then age / 100)."""
+    (`forward` then returns the age too, and the targets' last column is age / 100)."""
     weight = cfg.model.age_aux_weight
     if not weight:
         return loss_fn(forward(x), targets)
-    scores, age = model.forward_with_age(x)
+    scores, age = forward(x)
     return loss_fn(scores, targets[:, :NUM_CLASSES]) + weight * F.smooth_l1_loss(
         age.float(), targets[:, NUM_CLASSES]
     )
+
+
+def train_one_batch(
+    p: Parts, cfg: TrainConfig, x: torch.Tensor, targets: torch.Tensor, step: int
+) -> torch.Tensor:
+    """Forward and backward one batch under the run's autocast; every `accumulate` batches (and at
+    the epoch's last) clip, step the optimizer and the schedule. Returns the batch's loss, on the
+    device (reading it would make the host wait)."""
+    with p.amp():
+        loss = step_loss(p.forward, p.loss_fn, cfg, x, targets)
+    p.scaler.scale(loss / cfg.train.accumulate).backward()
+    if step % cfg.train.accumulate == 0 or step == p.n_batches:
+        if cfg.train.clip_grad:
+            p.scaler.unscale_(p.optimizer)
+            torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.train.clip_grad)
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+        p.optimizer.zero_grad(set_to_none=True)
+        p.schedule.step()
+    return loss.detach()
 
 
 def evaluate(
@@ -399,10 +421,20 @@ def restore(p: Parts, state: dict[str, Any]) -> Course:
     return Course(**{**course, "history": history, "best": Best(**best)})
 
 
-def start(p: Parts, checkpoint: CheckpointFile | None) -> Course:
-    """A fresh course, or the one a checkpoint holds (copied into the parts, then let go)."""
+def start(
+    cfg: TrainConfig, data: TrainData, p: Parts, checkpoint: CheckpointFile | None
+) -> tuple[Parts, Course]:
+    """A fresh course, or the one a checkpoint holds (copied into the parts, then let go). A state
+    that does not fit (another version's, another model's) sets the file aside and starts afresh."""
     saved = checkpoint.take() if checkpoint is not None else None
-    return restore(p, saved) if saved is not None else Course()
+    if saved is None:
+        return p, Course()
+    try:
+        return p, restore(p, saved)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        assert checkpoint is not None
+        checkpoint.refuse(f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}")
+        return setup(cfg, data, p.on.images.device), Course()  # the parts restore had begun to fill
 
 
 def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
@@ -421,7 +453,7 @@ def fit(
     started = time.perf_counter()
     p = setup(cfg, data, device)
     val_labels = data.table["label"].to_numpy()[data.val_rows]
-    c = start(p, checkpoint)  # a retried run goes on where its predecessor stopped
+    p, c = start(cfg, data, p, checkpoint)  # a retried run goes on where its predecessor stopped
     stop_reason = "completed"
     for epoch in range(c.epoch + 1, cfg.train.epochs + 1):
         # Stop early once validation macro-F1 has not improved for `patience` epochs.
@@ -436,18 +468,7 @@ def fit(
         batches = epoch_batches(cfg, data, p.on, p.draws)
         shown = bar(batches, total=p.n_batches, desc=f"epoch {epoch}", unit="batch", enabled=progress)
         for step, (x, targets) in enumerate(shown, start=1):
-            with p.amp():
-                loss = step_loss(p.model, p.forward, p.loss_fn, cfg, x, targets)
-            p.scaler.scale(loss / cfg.train.accumulate).backward()
-            loss_sum += loss.detach()
-            if step % cfg.train.accumulate == 0 or step == p.n_batches:
-                if cfg.train.clip_grad:
-                    p.scaler.unscale_(p.optimizer)
-                    torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.train.clip_grad)
-                p.scaler.step(p.optimizer)
-                p.scaler.update()
-                p.optimizer.zero_grad(set_to_none=True)
-                p.schedule.step()
+            loss_sum += train_one_batch(p, cfg, x, targets, step)
             # Read the loss every 20 steps only (and at the first): a read makes the host wait.
             if step % 20 == 0 or step == p.n_batches or c.first_loss is None:
                 mean_loss = loss_sum.item() / step
@@ -542,7 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory for the run")
     device = pick_device(args.device)
-    weights.ensure([cfg.model])  # missing ImageNet weights stop here, before the images are decoded
+    weights.check_names([cfg.model])  # an unknown backbone, or missing ImageNet weights, stop here,
+    weights.ensure([cfg.model])  # before the images are decoded
     faces.check(cfg.data)  # and a face boxes table that does not fit the data
     threads = configure_cpu(args.threads)
     data = load_data(cfg)
