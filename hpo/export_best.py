@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -38,12 +39,12 @@ from maskcls import plots
 from maskcls.calibrate import Calibration, fit_biases
 from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.config import TrainConfig
-from maskcls.errors import UserError
-from maskcls.export import ExportFigures, ExportInfo, check_out, complete
+from maskcls.errors import UserError, quoted
+from maskcls.export import ExportFigures, ExportInfo, complete
 from maskcls.infer import pick_device
 from maskcls.labels import class_name
 from maskcls.metrics import macro_f1
-from maskcls.rundir import building, write_model_dir
+from maskcls.rundir import building, check_out, write_model_dir
 from maskcls.runtime import add_threads_argument, configure_cpu
 from maskcls.train import fit, load_data
 
@@ -74,7 +75,7 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
         best = ranked(study)[:1]
         if not best:
             raise UserError(
-                f"study {study.study_name!r} has no finished trial yet; run "
+                f"study {quoted(study.study_name)} has no finished trial yet; run "
                 f"`python -m hpo.run --study {study.study_name}` first"
             )
         trial = best[0]
@@ -82,7 +83,7 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
         found = [t for t in trials if t.number == number]
         if not found:
             raise UserError(
-                f"trial {number} does not exist in study {study.study_name!r} "
+                f"trial {number} does not exist in study {quoted(study.study_name)} "
                 f"(its trials are numbered 0-{len(trials) - 1})"
                 if trials
                 else "(it has no trials)"
@@ -115,8 +116,8 @@ def distinct_top(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     if len(chosen) < k:
         other = f" ({len(passed_over)} more with other preprocessing)" if passed_over else ""
         raise UserError(
-            f"--top-k {k}: study {study.study_name!r} has only {len(chosen)} complete trials with distinct "
-            f"recipes and the best trial's preprocessing{other}"
+            f"--top-k {k}: study {quoted(study.study_name)} has only {len(chosen)} complete trials with "
+            f"distinct recipes and the best trial's preprocessing{other}"
         )
     if passed_over:
         print(
@@ -133,12 +134,12 @@ def pick_tradeoff(
     with the lowest other objectives (in the spec's order). Returns the trial and what was chosen."""
     if len(study.directions) < 2:
         raise UserError(
-            f"--pick chooses between objectives; study {study.study_name!r} has one ({objectives[0]}): "
+            f"--pick chooses between objectives; study {quoted(study.study_name)} has one ({objectives[0]}): "
             "drop --pick to export its best trial"
         )
     ranking = ranked(study)
     if not ranking:
-        raise UserError(f"study {study.study_name!r} has no complete trial yet")
+        raise UserError(f"study {quoted(study.study_name)} has no complete trial yet")
     best = ranking[0]
     if pick == "best-f1":
         return best, f"best-f1: trial {best.number}, the best validation macro-F1 ({best.values[0]:.4f})"
@@ -148,7 +149,7 @@ def pick_tradeoff(
         tolerance = -1.0
     if not 0 <= tolerance < 1:
         raise UserError(
-            f"--pick {pick!r}: expected best-f1 or f1-within:D with 0 <= D < 1, e.g. f1-within:0.01"
+            f"--pick {quoted(pick)}: expected best-f1 or f1-within:D with 0 <= D < 1, e.g. f1-within:0.01"
         )
     near = [t for t in ranking if t.values[0] >= best.values[0] - tolerance]
     chosen = min(near, key=lambda t: (list(t.values[1:]), -t.values[0]))
@@ -450,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         study = optuna.load_study(study_name=spec.name, storage=open_storage(url, existing=True))
     except KeyError:
         raise UserError(
-            f"no study {spec.name!r} in {masked(url)}; run `python -m hpo.run --study {args.study}`"
+            f"no study {quoted(spec.name)} in {masked(url)}; run `python -m hpo.run --study {args.study}`"
         ) from None
     picked = None
     if args.pick or (len(study.directions) > 1 and args.trial is None and not args.top_k):
@@ -463,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfgs = [TrainConfig.from_dict(t.user_attrs[Attr.CONFIG]) for t in trials]
     if args.data:
         cfgs = [c.override({"data.root": str(Path(args.data).expanduser())}) for c in cfgs]
+    if os.environ.get("HPO_CACHE"):  # this machine's cache, not the one the trial's machine used
+        cfgs = [c.override({"data.cache_dir": str(specs.cache_root(study.study_name))}) for c in cfgs]
     device = pick_device(args.device)
     # On the CPU the thread count changes the order of float sums, and over a few epochs that moves
     # validation macro-F1 by a few points on a small set; --holdout reproduces the trial with its own.
@@ -478,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.calibrate == "bias" and done.val_labels is not None and done.val_probs is not None:
         done.calibration = fit_biases(done.val_labels, done.val_probs)
     print("exporting: ONNX (checked with onnxruntime), submission, report", file=sys.stderr)
-    with building(out) as tmp:
+    with building(out, replace=args.force, mark=True) as tmp:
         write_model_dir(tmp, done.config, done.members, done.recipes, done.weights, done.biases)
         figures = complete(
             tmp, cfgs[0].data.root, device, export_info(study, trials, cfgs[0], done, tmp, picked)

@@ -20,13 +20,18 @@ import functools
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import optuna
+import sqlalchemy
+from optuna.storages._base import DEFAULT_STUDY_NAME_PREFIX
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
-from sqlalchemy import exc
+from sqlalchemy import exc, orm
 from sqlalchemy.engine import make_url
 
 from hpo.protocol import Attr
@@ -74,6 +79,17 @@ class Outage:
         self.gave_up = False
         self.local = threading.local()  # per thread: inside an operation, and its attempt number
         self.last_note = float("-inf")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy in another process starts with no outage behind it (a thread-local cannot travel)."""
+        state = self.__dict__.copy()
+        del state["local"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.local = threading.local()
+        self.reachable_since, self.last_note, self.gave_up = float("-inf"), float("-inf"), False
 
     def limit(self, seconds: float) -> None:
         """Wait out outages no longer than `seconds` from now on (a process that is stopping)."""
@@ -129,8 +145,6 @@ class Outage:
 # Every RDBStorage operation that reaches the database, including the private ones through which
 # Optuna's cache (_CachedStorage) calls it.
 OPERATIONS = (
-    "create_new_study",
-    "delete_study",
     "set_study_user_attr",
     "set_study_system_attr",
     "get_study_id_from_name",
@@ -139,7 +153,6 @@ OPERATIONS = (
     "get_study_user_attrs",
     "get_study_system_attrs",
     "get_all_studies",
-    "_create_new_trial",
     "_set_trial_param",
     "get_trial_param",
     "set_trial_state_values",
@@ -156,12 +169,107 @@ OPERATIONS = (
 )
 
 
-class ResilientStorage(optuna.storages.RDBStorage):
-    """An RDBStorage whose operations wait out outages (see the module docstring)."""
+# Which trial each creation made, by a token drawn once per creation: a creation retried after its
+# commit went through (the answer lost with the connection) finds its trial instead of adding one.
+TOKENS = sqlalchemy.Table(
+    "hpo_trial_creations",
+    sqlalchemy.MetaData(),
+    sqlalchemy.Column("token", sqlalchemy.String(32), primary_key=True),
+    sqlalchemy.Column("trial_id", sqlalchemy.Integer, nullable=False),  # a random token outlives no one
+)
 
-    def __init__(self, url: str, outage: Outage, **kwargs: Any):
-        self.outage = outage
+
+def begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
+    """SQLite: every transaction takes the write lock at its start, so a read-check-write (claiming
+    a waiting trial, finishing a running one) is atomic across processes (hpo.storage)."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class ResilientStorage(optuna.storages.RDBStorage):
+    """An RDBStorage whose operations wait out outages (see the module docstring), and whose
+    creations stay single when their acknowledgement is lost. It keeps Optuna's storage contract:
+    Optuna's own storage tests run against it (tests/test_storage_contract.py), pickling included;
+    with `begin_immediate` (SQLite) every copy's transactions begin IMMEDIATE."""
+
+    def __init__(self, url: str, outage: Outage, begin_immediate: bool = False, **kwargs: Any):
+        self.outage, self.begin_immediate = outage, begin_immediate
+        self.creation = threading.local()  # the token of the creation this thread is in
         super().__init__(url, **kwargs)
+        self._instrument()
+
+    def _instrument(self) -> None:
+        if self.begin_immediate and not sqlalchemy.event.contains(self.engine, "begin", begin_immediate):
+            sqlalchemy.event.listen(self.engine, "begin", begin_immediate)
+        self.outage.call(TOKENS.create, self.engine, checkfirst=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        del state["creation"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["outage"].call(super().__setstate__, state)  # reconnecting waits out an outage too
+        self.creation = threading.local()
+        self._instrument()
+
+    def create_new_study(self, directions: Any, study_name: str | None = None) -> int:
+        """A create retried after its commit went through finds the study it made: the name is
+        drawn before the first attempt, and a study of that name after a lost answer is ours (hpo.run
+        sets a study up under hpo.storage.setup_lock, so no rival creates it meanwhile)."""
+        name = study_name if study_name is not None else f"{DEFAULT_STUDY_NAME_PREFIX}{uuid.uuid4()}"
+        plain = optuna.storages.RDBStorage
+
+        def create() -> int:
+            try:
+                return plain.create_new_study(self, directions, name)
+            except optuna.exceptions.DuplicatedStudyError:
+                if not self.outage.retried():
+                    raise
+                return plain.get_study_id_from_name(self, name)
+
+        return self.outage.call(create)
+
+    def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
+        """One token per creation, kept across every retry (Optuna's own and the outage's)."""
+        self.creation.token = uuid.uuid4().hex
+        try:
+            return self.outage.call(super()._create_new_trial, study_id, template_trial)
+        finally:
+            self.creation.token = None
+
+    def _get_prepared_new_trial(self, study_id: int, template_trial: Any, session: orm.Session) -> Any:
+        token = getattr(self.creation, "token", None)
+        if token is not None:
+            made = session.execute(
+                sqlalchemy.select(TOKENS.c.trial_id).where(TOKENS.c.token == token)
+            ).first()
+            if made is not None:  # an earlier attempt of this creation committed
+                return session.get(models.TrialModel, made.trial_id)
+        trial = super()._get_prepared_new_trial(study_id, template_trial, session)
+        if token is not None:
+            session.execute(TOKENS.insert().values(token=token, trial_id=trial.trial_id))
+        return trial
+
+    def _created_here(self, trial_ids: list[int]) -> list[int]:
+        """Those of the trials that a ResilientStorage created (an hpo run's, not a plain Optuna
+        user's `study.ask()` on the same database)."""
+        if not trial_ids:
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(sqlalchemy.select(TOKENS.c.trial_id).where(TOKENS.c.trial_id.in_(trial_ids)))
+            return sorted({row.trial_id for row in rows})
+
+    def delete_study(self, study_id: int) -> None:
+        plain = optuna.storages.RDBStorage
+
+        def delete() -> None:
+            try:
+                plain.delete_study(self, study_id)
+            except KeyError:
+                if not self.outage.retried():  # gone before we came: Optuna's KeyError stands
+                    raise
+
+        self.outage.call(delete)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         try:
@@ -180,6 +288,31 @@ class ResilientStorage(optuna.storages.RDBStorage):
         with contextlib.suppress(StorageUnreachable):
             self.outage.call(super().record_heartbeat, trial_id)
 
+    def beating_trials(self, study_id: int, within_s: float) -> list[int]:
+        """Numbers of the study's RUNNING trials whose heartbeat is younger than `within_s`: a
+        worker is on them now (the database's clock, as Optuna's own stale check reads it)."""
+
+        def read() -> list[int]:
+            with _create_scoped_session(self.scoped_session, True) as session:
+                now = (
+                    session.execute(sqlalchemy.select(sqlalchemy.func.now()))
+                    .scalar_one()
+                    .replace(tzinfo=None)
+                )
+                running = (
+                    session.query(models.TrialModel)
+                    .options(orm.selectinload(models.TrialModel.heartbeats))
+                    .filter(models.TrialModel.state == TrialState.RUNNING)
+                    .filter(models.TrialModel.study_id == study_id)
+                    .all()
+                )
+                fresh = timedelta(seconds=within_s)
+                return sorted(
+                    t.number for t in running if t.heartbeats and now - t.heartbeats[0].heartbeat <= fresh
+                )
+
+        return self.outage.call(read)
+
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         """Trials nobody runs, each given its fail_reason while still RUNNING (a failed trial's
         attributes can no longer change): those whose heartbeat stopped, and those that never got
@@ -195,9 +328,14 @@ class ResilientStorage(optuna.storages.RDBStorage):
             who = trial.user_attrs.get(Attr.WORKER, "?")
             reasons[trial_id] = f"worker {who} stopped answering at epoch {epoch}"
         long_ago = datetime.now() - timedelta(seconds=grace + BACKOFF_CAP_S)
-        for trial in super().get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            if Attr.WORKER not in trial.user_attrs and (trial.datetime_start or long_ago) < long_ago:
-                reasons[trial._trial_id] = "no worker took it up (its start was lost with a connection)"
+        running = super().get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        orphans = [
+            t
+            for t in running
+            if Attr.WORKER not in t.user_attrs and (t.datetime_start or long_ago) < long_ago
+        ]
+        for trial_id in self._created_here([t._trial_id for t in orphans]):  # others are not ours to fail
+            reasons[trial_id] = "no worker took it up (its start was lost with a connection)"
         for trial_id, reason in reasons.items():
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # it just finished
                 super().set_trial_user_attr(trial_id, Attr.FAIL_REASON, reason)

@@ -12,6 +12,7 @@ typo fails before the first trial, not in the middle of a search.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_origin
@@ -19,7 +20,7 @@ from typing import Any, get_origin
 import optuna
 
 from maskcls.config import check_value, field_type
-from maskcls.errors import ConfigError, UserError
+from maskcls.errors import ConfigError, UserError, quoted
 
 TYPES = ("float", "int", "categorical")
 
@@ -55,7 +56,9 @@ def parse(raw: Any, where: str = "space") -> list[Param]:
         raise UserError(f"{where}: expected a mapping of config paths to parameter definitions")
     params: list[Param] = []
     for path, entry in raw.items():
-        params.append(_parse_one(str(path), entry, params, f"{where}.{path}"))
+        # a key that is not a plain dotted name is quoted: a message stays one line
+        here = f"{where}.{path}" if re.fullmatch(r"[\w.-]+", str(path)) else f"{where}[{quoted(path)}]"
+        params.append(_parse_one(str(path), entry, params, here))
     return params
 
 
@@ -69,10 +72,12 @@ def _parse_one(path: str, entry: Any, earlier: list[Param], where: str) -> Param
     known = {"type", "low", "high", "log", "step", "choices", "when"}
     unknown = sorted(set(entry) - known)
     if unknown:
-        raise UserError(f"{where}: unknown field {unknown[0]!r}; valid fields: {', '.join(sorted(known))}")
+        raise UserError(
+            f"{where}: unknown field {quoted(unknown[0])}; valid fields: {', '.join(sorted(known))}"
+        )
     kind = entry.get("type")
     if kind not in TYPES:
-        raise UserError(f"{where}: type must be one of {', '.join(TYPES)}, got {kind!r}")
+        raise UserError(f"{where}: type must be one of {', '.join(TYPES)}, got {quoted(kind)}")
     when = _parse_when(entry.get("when", {}), earlier, where)
     try:
         if kind == "categorical":
@@ -130,14 +135,15 @@ def _parse_when(raw: Any, earlier: list[Param], where: str) -> dict[str, tuple]:
         if parent is None or parent.type != "categorical":
             names = [p.path for p in earlier if p.type == "categorical"]
             raise UserError(
-                f"{where}.when: {path!r} must be a categorical parameter listed before it "
+                f"{where}.when: {quoted(path)} must be a categorical parameter listed before it "
                 f"(available: {', '.join(names) or 'none'})"
             )
         values = tuple(values) if isinstance(values, list) else (values,)
         bad = [v for v in values if v not in parent.choices]
         if bad:
             raise UserError(
-                f"{where}.when: {bad[0]!r} is not a choice of {path} ({', '.join(map(str, parent.choices))})"
+                f"{where}.when: {quoted(bad[0])} is not a choice of {path} "
+                f"({', '.join(map(str, parent.choices))})"
             )
         when[path] = values
     return when
@@ -161,14 +167,14 @@ def check_recipe(recipe: Any, params: list[Param], where: str) -> dict[str, Any]
     for path, value in recipe.items():
         param = by_path.get(path)
         if param is None:
-            raise UserError(f"{where}: {path!r} is not in the space (space: {', '.join(by_path)})")
+            raise UserError(f"{where}: {quoted(path)} is not in the space (space: {', '.join(by_path)})")
         try:
             value = _storable(check_value(path, config_value(param, value)))
         except (ConfigError, ValueError) as err:
             raise UserError(f"{where}: {path}: {err}") from None
         if param.type == "categorical" and value not in param.choices:
             raise UserError(
-                f"{where}: {value!r} is not a choice of {path} ({', '.join(map(str, param.choices))})"
+                f"{where}: {quoted(value)} is not a choice of {path} ({', '.join(map(str, param.choices))})"
             )
         if param.type != "categorical" and not param.low <= value <= param.high:
             raise UserError(f"{where}: {path}={value} is outside [{param.low}, {param.high}]")

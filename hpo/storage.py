@@ -16,6 +16,7 @@ Every operation waits out an outage of the server (hpo.outage).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sqlite3
@@ -26,14 +27,14 @@ from typing import Any, TypeVar
 
 import optuna
 from filelock import FileLock
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import text
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from hpo.outage import OUTAGE_S, OnOutage, Outage, ResilientStorage, StorageUnreachable
 from hpo.protocol import Attr, quiet_experimental
 from hpo.spec import Heartbeat, StudySpec
-from maskcls.errors import UserError
+from maskcls.errors import QUOTE_LIMIT, UserError, mask_secrets, quoted
 
 BUSY_TIMEOUT_S = 60
 CREATE_ATTEMPTS = 5
@@ -51,8 +52,20 @@ def masked(url: str) -> str:
     """The URL with its password hidden, for every message and log line."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparsable storage URL>"
+    except (ArgumentError, ValueError):  # ValueError: a port that is no number
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        return f"<a URL that does not parse{f', of scheme {quoted(scheme[:20])}' if scheme else ''}>"
+
+
+def parse_url(url: str) -> URL:
+    """The storage URL parsed, or UserError that does not repeat it (it may hold a password)."""
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: a port that is no number
+        raise UserError(
+            f"storage URL {masked(url)} does not parse (it is not shown: it may hold a password); "
+            "e.g. sqlite:///runs/demo/study.db or postgresql+psycopg://user:password@host/db"
+        ) from None
 
 
 def engine_kwargs(url: str, tuned: bool = True) -> dict:
@@ -77,13 +90,7 @@ def open_storage(
     (a worker restarted during an outage); otherwise that is an error at once (a wrong URL). With
     `existing`, a SQLite file that is not there is an error, not a new empty database (commands
     that only read a study)."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise UserError(
-            f"storage URL {url!r} does not parse (e.g. sqlite:///runs/demo/study.db or "
-            "postgresql+psycopg://user:password@host/db)"
-        ) from None
+    parsed = parse_url(url)
     database = parsed.database if parsed.get_backend_name() == "sqlite" else None
     if existing and database and database != ":memory:" and not Path(database).is_file():
         raise UserError(f"no study database at {database}: run the study first, or pass --storage")
@@ -98,29 +105,21 @@ def open_storage(
                 options = {
                     "heartbeat_interval": heartbeat.interval,
                     "grace_period": heartbeat.grace,
-                    "heartbeat_stale_trial_callback": lambda study, trial: requeue(
-                        study, trial, heartbeat.max_retry
+                    "heartbeat_stale_trial_callback": functools.partial(
+                        requeue, max_retry=heartbeat.max_retry
                     ),
                 }
             kwargs = engine_kwargs(url, tuned)
             outage = Outage(url, outage_s, on_outage)  # connecting and every operation share it
 
             def make() -> ResilientStorage:
-                return ResilientStorage(url, outage, engine_kwargs=kwargs, **options)
+                immediate = bool(database) and tuned
+                return ResilientStorage(url, outage, immediate, engine_kwargs=kwargs, **options)
 
-            storage = _while_racing(lambda: outage.call(make) if wait else make())
-            if database and tuned:
-                event.listen(storage.engine, "begin", _begin_immediate)
-            return storage
+            return _while_racing(lambda: outage.call(make) if wait else make())
     except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error, StorageUnreachable) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"cannot use storage {masked(url)}: {reason}") from None
-
-
-def _begin_immediate(connection: Connection) -> None:
-    """Every transaction takes SQLite's write lock at its start, so a read-check-write (claiming a
-    waiting trial, finishing a running one) is atomic across processes."""
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+        raise UserError(f"cannot use storage {masked(url)}: {mask_secrets(reason)[:QUOTE_LIMIT]}") from None
 
 
 def _enable_wal(path: str) -> None:
@@ -213,3 +212,8 @@ def tally(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[str, int]:
     out = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState}
     out["finished"] = out["complete"] + out["pruned"]
     return out
+
+
+def study_deleted(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    """Whether the study is gone from the storage (`mask-hpo studies delete --force` during a run)."""
+    return name not in optuna.get_all_study_names(storage)

@@ -21,14 +21,16 @@ import optuna
 from hpo import spec as specs
 from hpo.outage import ResilientStorage
 from hpo.protocol import STORAGE_ENV, Attr, quiet_experimental
+from hpo.spec import Heartbeat
 from hpo.storage import counts, masked, open_storage, resolve_url
 from maskcls.cli import COMMAND, HelpFormatter, prog, run_main
-from maskcls.errors import UserError
+from maskcls.errors import UserError, quoted
 
 EPILOG = """Optuna's own command line works on the same storage:
   optuna studies --storage URL
   optuna best-trial --study-name NAME --storage URL"""
 TIME = "%Y-%m-%d %H:%M"
+LIVE_S = Heartbeat().grace  # a trial whose heartbeat is younger than this has a worker on it
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -57,6 +59,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         )
         if name == "delete":
             command.add_argument("--yes", action="store_true", help="delete without asking")
+            command.add_argument(
+                "--force",
+                action="store_true",
+                help="delete even while a run is on the study (trials with a heartbeat in the last "
+                f"{LIVE_S} s); that run then stops",
+            )
     return parser.parse_args(argv)
 
 
@@ -142,11 +150,17 @@ def is_spec_file(study: str) -> bool:
     return Path(study).suffix in (".yaml", ".yml")
 
 
-def delete(study: optuna.Study, storage: ResilientStorage, url: str, yes: bool) -> int:
+def delete(study: optuna.Study, storage: ResilientStorage, url: str, yes: bool, force: bool = False) -> int:
     """Asks on a terminal; elsewhere (a script, CI) only --yes deletes, so that nothing is lost to
-    a command pasted into the wrong place."""
+    a command pasted into the wrong place. A study a run is working on is deleted only with --force."""
     count = len(study.get_trials(deepcopy=False))
     what = f"study {study.study_name} with {count} trials from {masked(url)}"
+    live = storage.beating_trials(study._study_id, LIVE_S)
+    if live and not force:
+        raise UserError(
+            f"not deleting {what}: a run is on it (trial(s) {', '.join(map(str, live))} running, with a "
+            f"heartbeat in the last {LIVE_S} s); stop that run first, or pass --force"
+        )
     if not yes:
         if not sys.stdin.isatty():
             raise UserError(f"not deleting {what}: no terminal to ask on; pass --yes to delete it")
@@ -173,14 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     existing = optuna.get_all_study_names(storage)
     if name not in existing:
         raise UserError(
-            f"no study {name!r} in {masked(url)}; the studies there: {', '.join(existing) or 'none'}"
+            f"no study {quoted(name)} in {masked(url)}; the studies there: {', '.join(existing) or 'none'}"
         )
     study = optuna.load_study(study_name=name, storage=storage)
     if args.command == "delete":
-        return delete(study, storage, url, args.yes)
+        return delete(study, storage, url, args.yes, args.force)
     trial = best_trial(study)
     if trial is None:
-        raise UserError(f"study {name!r} has no complete trial yet")
+        raise UserError(f"study {quoted(name)} has no complete trial yet")
     print(describe_best(study, trial, export_command(args.study, trial.number, args.storage)))
     return 0
 

@@ -16,17 +16,18 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import re
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hpo.protocol import INTERRUPTED, Attr
-from maskcls.errors import UserError
+from maskcls.errors import QUOTE_LIMIT, UserError, mask_secrets
 from maskcls.labels import NUM_CLASSES, class_name
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 INSTALL = {"tensorboard": "pip install -e '.[tensorboard]'", "mlflow": "pip install -e '.[mlflow]'"}
 # Optuna's final trial states -> MLflow run statuses; an interrupted trial (queued again) was KILLED.
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+PROBE_TIMEOUT_S = 10
 
 
 def check_available(tensorboard: str | None, mlflow: str | None, study: str | None = None) -> None:
@@ -57,34 +59,86 @@ def check_available(tensorboard: str | None, mlflow: str | None, study: str | No
         _check_mlflow(mlflow, study)
 
 
+@contextlib.contextmanager
+def _answer_soon() -> Iterator[None]:
+    """A tracking server that does not answer is an error within seconds, not after MLflow's seven
+    retries of two minutes each (the probe only; trials keep MLflow's patience)."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}
+    before = {key: os.environ.get(key) for key in quick}
+    os.environ.update({key: os.environ.get(key) or value for key, value in quick.items()})
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _check_mlflow(uri: str, study: str | None) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     for name in ("mlflow", "alembic"):  # its INFO lines (creating tables...) stay off the console
         logging.getLogger(name).setLevel(logging.WARNING)
-
+    shown = mask_secrets(uri)
+    _open_database(uri, shown)
     try:
-        client = MlflowClient(tracking_uri=uri)
-        if study is None:
-            client.search_experiments(max_results=1)
-            return
-        found = client.get_experiment_by_name(study)
-        if found is not None and found.lifecycle_stage == "deleted":
-            raise UserError(
-                f"the MLflow experiment {study!r} at {uri} is deleted: restore it "
-                f"(mlflow experiments restore --experiment-id {found.experiment_id}) or delete it for good "
-                "(mlflow gc)"
-            )
-        experiment_id(client, uri, study)
+        with _answer_soon():
+            _open_experiment(MlflowClient(tracking_uri=uri), uri, shown, study)
     except MlflowException as err:
         if "MLFLOW_ALLOW_FILE_STORE" in str(err):  # MLflow 3.x refuses its file store by default
             raise UserError(
-                f"this MLflow refuses the local file store {uri}: use --mlflow sqlite:///mlflow.db, "
+                f"this MLflow refuses the local file store {shown}: use --mlflow sqlite:///mlflow.db, "
                 "or set MLFLOW_ALLOW_FILE_STORE=true to keep the file store"
             ) from None
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot use MLflow at {uri}: {first_line}") from None
+        raise UserError(f"cannot use MLflow at {shown}: {_first_line(err)}") from None
+    except UserError:
+        raise
+    except Exception as err:  # a driver or a URL MLflow did not wrap (a missing database, mysql://)
+        raise UserError(f"cannot use MLflow at {shown}: {_first_line(err)}") from None
+
+
+def _open_database(uri: str, shown: str) -> None:
+    """A database store that does not open is one line at once: MLflow itself tries ten times
+    over about 100 s, with a warning each time."""
+    scheme = uri.split(":", 1)[0].split("+")[0]
+    if scheme not in ("sqlite", "postgresql", "mysql", "mssql"):
+        return
+    import sqlalchemy
+
+    try:
+        if scheme == "sqlite" and not uri.startswith("sqlite:///:memory:"):  # MLflow makes the folder too
+            Path(uri.removeprefix("sqlite:///").split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+        engine = sqlalchemy.create_engine(uri)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as err:  # a driver that is missing (mysql://), a database that is not there
+        raise UserError(f"cannot use MLflow at {shown}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return mask_secrets(text.splitlines()[0] if text else type(err).__name__)[:QUOTE_LIMIT]
+
+
+def _open_experiment(client: Any, uri: str, shown: str, study: str | None) -> None:
+    """The tracking store answers, and the study's experiment exists (created here, once)."""
+    if study is None:
+        client.search_experiments(max_results=1)
+        return
+    found = client.get_experiment_by_name(study)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise UserError(
+            f"the MLflow experiment {study!r} at {shown} is deleted: restore it "
+            f"(mlflow experiments restore --experiment-id {found.experiment_id}) or delete it for good "
+            "(mlflow gc)"
+        )
+    experiment_id(client, uri, study)
 
 
 def experiment_id(client: Any, uri: str, name: str) -> str:
@@ -283,7 +337,9 @@ class Trackers:
         try:
             self.live[name] = make()
         except Exception as err:
-            log.warning("%s tracking is off for this trial: %s: %s", name, type(err).__name__, err)
+            log.warning(
+                "%s tracking is off for this trial: %s: %s", name, type(err).__name__, mask_secrets(str(err))
+            )
 
     def epoch(self, metrics: EpochMetrics) -> None:
         self._each(lambda tracker: tracker.epoch(metrics))
@@ -300,7 +356,12 @@ class Trackers:
             try:
                 call(tracker)
             except Exception as err:
-                log.warning("%s tracking is off for this trial: %s: %s", name, type(err).__name__, err)
+                log.warning(
+                    "%s tracking is off for this trial: %s: %s",
+                    name,
+                    type(err).__name__,
+                    mask_secrets(str(err)),
+                )
                 del self.live[name]
                 with contextlib.suppress(Exception):
                     tracker.finish("FAIL", f"tracking failed: {err}")

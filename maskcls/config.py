@@ -8,6 +8,8 @@ against the same definition, and an unknown key or choice gets a message listing
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from maskcls.errors import ConfigError
+from maskcls.errors import QUOTE_LIMIT, ConfigError, quoted
 
 # The competition baseline's statistics, computed on the real training photos.
 MEAN = (0.548, 0.504, 0.479)
@@ -138,10 +140,12 @@ class TrainConfig:
         for path, value in overrides.items():
             group, _, key = path.partition(".")
             if group not in values or not key:
-                raise ConfigError(f"unknown config key {path!r}; valid keys: {', '.join(field_paths())}")
+                raise ConfigError(
+                    f"unknown config key {quoted(path)}; valid keys: {', '.join(field_paths())}"
+                )
             if key not in values[group]:
                 valid = ", ".join(f"{group}.{k}" for k in values[group])
-                raise ConfigError(f"unknown config key {path!r}; valid keys in {group}: {valid}")
+                raise ConfigError(f"unknown config key {quoted(path)}; valid keys in {group}: {valid}")
             values[group][key] = value
         return TrainConfig.from_dict(values)
 
@@ -152,12 +156,58 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set optim.lr=3e-4)")
+            raise ConfigError(f"--set expects key=value, got {quoted(item)} (e.g. --set optim.lr=3e-4)")
         try:
-            overrides[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+            overrides[key.strip()] = parse_yaml(text)
+        except (yaml.YAMLError, RecursionError):
+            raise ConfigError(f"--set {quoted(item)}: the value is not valid YAML") from None
     return overrides
+
+
+MAX_NODES = 100_000  # values a spec or config may expand to, aliases (*name) followed
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, minus what only hurts in a config: a key given twice (PyYAML keeps the
+    last without a word), and aliases that expand a few hundred bytes into billions of values once
+    anything walks them (a "billion laughs" document)."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        if node is not None and _expanded_size(node, {}) > MAX_NODES:
+            raise yaml.YAMLError(f"the document expands to more than {MAX_NODES} values through its aliases")
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                continue  # not hashable: construct_mapping names it
+            if key in seen:
+                raise yaml.YAMLError(f"key {quoted(key)} given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int | None]) -> int:
+    """Values in `node` with every alias expanded; each shared node is measured once."""
+    if id(node) in sizes:
+        size = sizes[id(node)]
+        if size is None:
+            raise yaml.YAMLError("an alias (*name) inside the value it names: a value that contains itself")
+        return size
+    sizes[id(node)] = None  # being measured
+    children = node.value if isinstance(node.value, list) else []
+    items = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+    size = min(1 + sum(_expanded_size(c, sizes) for c in items), MAX_NODES + 1)
+    sizes[id(node)] = size
+    return size
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as the project reads every spec, config and --set value (_StrictLoader)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
 
 
 def read_yaml(path: str | Path, expected: str) -> Mapping[str, Any]:
@@ -165,11 +215,16 @@ def read_yaml(path: str | Path, expected: str) -> Mapping[str, Any]:
     `expected` says what the mapping should hold, for the message."""
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({err})") from None
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"{path}: invalid YAML ({reason[:QUOTE_LIMIT]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
     if not isinstance(values, Mapping):
         raise ConfigError(f"{path}: expected {expected}, got {type(values).__name__}")
     return values
@@ -190,7 +245,7 @@ def field_paths() -> list[str]:
 def field_type(path: str) -> Any:
     """The declared type of a dotted path; ConfigError listing valid paths if it does not exist."""
     if path not in field_paths():
-        raise ConfigError(f"unknown config key {path!r}; valid keys: {', '.join(field_paths())}")
+        raise ConfigError(f"unknown config key {quoted(path)}; valid keys: {', '.join(field_paths())}")
     group, key = path.split(".")
     group_cls = get_type_hints(TrainConfig)[group]
     return get_type_hints(group_cls)[key]
@@ -203,13 +258,13 @@ def check_value(path: str, value: Any) -> Any:
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {quoted(values)}")
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in values if k not in names]
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix + str(unknown[0])!r}; valid keys: "
+            f"unknown config key {quoted(prefix + str(unknown[0]))}; valid keys: "
             + ", ".join(prefix + n for n in names)
         )
     kwargs = {}
@@ -231,11 +286,13 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         return _coerce(value, inner, path)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{path}: invalid choice {value!r}; valid choices: {', '.join(map(str, args))}")
+            raise ConfigError(
+                f"{path}: invalid choice {quoted(value)}; valid choices: {', '.join(map(str, args))}"
+            )
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {quoted(value)}")
         return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -248,7 +305,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         return int(value)
     if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")
+    raise ConfigError(f"{path}: expected {hint.__name__}, got {quoted(value)}")
 
 
 def _plain(value: Any) -> Any:
@@ -259,8 +316,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # timm's names, tags included
+
+
 def _check_ranges(cfg: TrainConfig) -> None:
+    for group in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, group.name)):
+            value = getattr(getattr(cfg, group.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{group.name}.{f.name} must be a finite number, got {value}")
+    if not MODEL_NAME.fullmatch(cfg.model.name):
+        raise ConfigError(
+            f"model.name: {quoted(cfg.model.name)} is not a timm model name such as resnet18 or "
+            "convnext_nano.in12k (a weights file goes in model.pretrained)"
+        )
     checks = [
+        (max(cfg.data.image_size) <= 4096, "data.image_size: each side must be at most 4096"),
         (all(s >= 16 for s in cfg.data.image_size), "data.image_size: each side must be at least 16"),
         (0.2 <= cfg.data.center_crop <= 1, "data.center_crop must be in [0.2, 1]"),
         (0 <= cfg.data.face_margin <= 2, "data.face_margin must be in [0, 2]"),
@@ -287,6 +358,14 @@ def _check_ranges(cfg: TrainConfig) -> None:
         (cfg.train.epochs >= 1 and cfg.train.batch_size >= 1, "train.epochs and batch_size: at least 1"),
         (cfg.train.accumulate >= 1, "train.accumulate must be at least 1"),
         (cfg.train.patience is None or cfg.train.patience >= 1, "train.patience must be at least 1"),
+        (cfg.train.eval_batch_size >= 1, "train.eval_batch_size must be at least 1"),
+        (cfg.train.workers >= 0, "train.workers must be at least 0"),
+        (
+            cfg.train.clip_grad is None or cfg.train.clip_grad > 0,
+            "train.clip_grad must be > 0 (or null: no clipping)",
+        ),
+        (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
+        (cfg.schedule.patience >= 0, "schedule.patience must be at least 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -38,12 +38,11 @@ from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.data import cache
 from maskcls.data.augment import Normalize, to_input
 from maskcls.data.layout import scan, scan_eval
-from maskcls.errors import UserError
 from maskcls.infer import pick_device
 from maskcls.labels import NUM_CLASSES, class_name
 from maskcls.metrics import attribute_accuracy, confusion, macro_f1, per_class_f1
 from maskcls.predict import submission
-from maskcls.rundir import building, load_run, write_atomic, write_csv, write_json
+from maskcls.rundir import building, check_out, load_run, write_atomic, write_csv, write_json
 from maskcls.runtime import add_threads_argument, configure_cpu
 
 MAX_ONNX_DIFF = 1e-4
@@ -268,11 +267,6 @@ def run_info(run_dir: Path) -> ExportInfo:
     )
 
 
-def check_out(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"{out} exists and is not empty; pass --force to replace it or choose another --out")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog("maskcls.export"),
@@ -292,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = load_run(run_dir)  # a bad run directory stops here, before anything is written
     check_out(out, args.force)
     data_root = str(Path(args.data).expanduser()) if args.data else cfg.data.root
-    with building(out) as tmp:
+    with building(out, replace=args.force, mark=True) as tmp:
         for name in MODEL_FILES:
             shutil.copy2(run_dir / name, tmp / name)
         figures = complete(tmp, data_root, pick_device(args.device), run_info(run_dir))

@@ -24,9 +24,10 @@ from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.config import TrainConfig
 from maskcls.data import cache
 from maskcls.data.batches import DeviceImages
-from maskcls.data.faces import Box, crop_for
+from maskcls.data.check import undecodable
+from maskcls.data.faces import Box, crop_for, outside_photos
 from maskcls.data.layout import scan_eval
-from maskcls.errors import UserError
+from maskcls.errors import DataError, UserError
 from maskcls.infer import infer, pick_device
 from maskcls.labels import AgeCutoffs, class_name
 from maskcls.rundir import load_run, write_csv
@@ -84,10 +85,23 @@ def detected(paths: Sequence[str]) -> dict[str, Box]:
     return {p: (b[0], b[1], b[2], b[3]) for p, b in zip(paths, found, strict=True) if b is not None}
 
 
-def report_fallbacks(cfg: TrainConfig, paths: Sequence[str], boxes: Mapping[str, Box] | None) -> None:
-    fallbacks = crop_for(cfg.data, paths, boxes).fallbacks
-    if fallbacks:
-        print(f"{fallbacks} of {len(paths)} photos have no face box: cropped at the centre", file=sys.stderr)
+def check_boxes(cfg: TrainConfig, paths: Sequence[str], boxes: Mapping[str, Box] | None) -> None:
+    """A face-crop model's boxes for these photos: each inside its photo (else one error line), and
+    every photo without one named (it is cropped at the centre instead)."""
+    crop = crop_for(cfg.data, paths, boxes)
+    if crop.kind != "face":
+        return
+    given = {p: b for p, b in zip(paths, crop.boxes, strict=True) if b is not None}
+    outside = outside_photos(given, cfg.data.root)
+    if outside:
+        raise UserError(f"{len(outside)} face box(es) outside their photo (first: {outside[0]})")
+    lacking = [p for p, b in zip(paths, crop.boxes, strict=True) if b is None]
+    if lacking:
+        shown = ", ".join(lacking[:10]) + (f" and {len(lacking) - 10} more" if len(lacking) > 10 else "")
+        print(
+            f"{len(lacking)} of {len(paths)} photos have no face box, cropped at the centre: {shown}",
+            file=sys.stderr,
+        )
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -128,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.face_boxes:
         cfg = cfg.override({"data.face_boxes": args.face_boxes})
     if args.data:
-        report_fallbacks(cfg.override({"data.root": args.data}), scan_eval(args.data)["path"], None)
+        check_boxes(cfg.override({"data.root": args.data}), scan_eval(args.data)["path"], None)
         with cache_folder(args.cache_dir) as folder:
             table = submission(model, cfg.override({"data.cache_dir": folder}), args.data, device, args.tta)
         print(f"wrote {len(table)} predictions to {write_csv(table, Path(args.out) / 'submission.csv')}")
@@ -137,8 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         raise UserError(f"image file not found: {', '.join(missing)}")
     paths = [str(Path(p).resolve()) for p in args.images]
+    broken = undecodable(paths, progress=False)
+    if broken:
+        raise DataError(broken)
     boxes = detected(paths) if cfg.data.crop == "face" and not args.face_boxes else None
-    report_fallbacks(cfg, paths, boxes)
+    check_boxes(cfg, paths, boxes)
     with cache_folder(args.cache_dir) as folder:
         probs = predict_paths(
             model,

@@ -60,20 +60,72 @@ def write_json(path: str | Path, value: Any) -> Path:
     return write_atomic(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
 
 
+EXPORT_MARK = ".mask-hpo-export"  # in every export: the files it wrote; only such a folder is replaced
+
+
+def check_out(out: Path, force: bool) -> None:
+    """`out` may receive an export: it is new or empty, or, with `force`, a previous export that
+    holds nothing but its own files. Anything else stays as it is: --force never deletes a folder
+    we did not write (a study's database, its artifacts, a user's files)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory for the export")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not force:
+        raise UserError(f"{out} exists and is not empty; pass --force to replace it or choose another --out")
+    listed = export_files(out)
+    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    if listed is None:
+        raise UserError(
+            f"--force replaces only a previous export, and {out} is not one (it holds {shown}); "
+            "nothing was deleted: choose another --out"
+        )
+    foreign = [name for name in entries if name not in listed]
+    if foreign:
+        raise UserError(
+            f"{out} is a previous export but also holds {', '.join(foreign[:3])}, which --force would "
+            "delete; move them away or choose another --out"
+        )
+
+
+def export_files(folder: Path) -> set[str] | None:
+    """The names an export wrote into `folder` (its mark among them), or None when it is not one."""
+    try:
+        listed = json.loads((folder / EXPORT_MARK).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {str(name) for name in listed} | {EXPORT_MARK} if isinstance(listed, list) else None
+
+
 @contextlib.contextmanager
-def building(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out` to build a directory in. When the block ends it replaces
-    `out` (an old `out` goes only once the new one is complete); when the block fails it goes."""
+def building(out: Path, replace: bool = False, mark: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `out` to build a directory in. When the block ends it becomes
+    `out`; with `mark` (an export) it is marked as ours (EXPORT_MARK lists its files). With
+    `replace`, a previous export there goes, once the new one is complete and only if check_out
+    still allows it. Without it, an `out` that another command filled meanwhile is left alone and
+    this one fails. When the block fails, the temporary folder goes."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
+        if mark:
+            names = sorted(p.name for p in tmp.iterdir())
+            (tmp / EXPORT_MARK).write_text(json.dumps({"files": names}) + "\n")
         for path in [tmp, *tmp.rglob("*")]:
             readable(path)
         old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        if out.exists():
+        if replace and out.exists() and any(out.iterdir()):
+            check_out(out, force=True)
             out.rename(old)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)  # fails on a folder that is not empty: nothing of it is replaced
+        except OSError:
+            raise UserError(
+                f"{out} was filled by another command meanwhile; nothing was written there"
+            ) from None
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -72,3 +72,26 @@ def private_server() -> Iterator[Server]:
             server.ctl("-m", "immediate", "stop")
         time.sleep(0.2)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+LOCAL = "postgresql+psycopg://postgres@127.0.0.1:5432"  # the machine's own server (trust auth)
+
+
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, empty database on the machine's PostgreSQL for one test (dropped afterwards): tests
+    that count every study in their storage cannot share the `test` database."""
+    import uuid
+
+    import sqlalchemy
+
+    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(f"{LOCAL}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{LOCAL}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

@@ -43,6 +43,38 @@ def export_best(tmp, spec, storage, *args):
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp)
 
 
+@pytest.fixture
+def in_process(capsys, monkeypatch):
+    """export-best or predict in this process (a retrain needs no fresh interpreter): the exit code
+    and stderr; torch's thread count (the export sets it) is the process's own again afterwards."""
+    import importlib
+
+    from maskcls.cli import run_main
+
+    threads = torch.get_num_threads()
+
+    def call(module, cwd, *argv):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(SystemExit) as end:
+            run_main(importlib.import_module(module).main, [str(a) for a in argv])
+        torch.set_num_threads(threads)
+        return end.value.code, capsys.readouterr().err
+
+    return call
+
+
+def export_here(tmp, spec, storage, capsys, monkeypatch, *args):
+    """export-best in this process (its refusals need no fresh interpreter): exit code and stderr."""
+    from hpo.export_best import main
+    from maskcls.cli import run_main
+
+    monkeypatch.chdir(tmp)
+    argv = ["--study", str(spec), "--storage", storage, "--artifacts", str(tmp / "artifacts"), *args]
+    with pytest.raises(SystemExit) as end:
+        run_main(main, argv)
+    return end.value.code, capsys.readouterr().err
+
+
 def onnx_vs_torch(export_dir, root):
     """An independent check in this process: both runtimes on every eval image."""
     cfg, model = load_run(export_dir)
@@ -172,20 +204,32 @@ def test_the_report_shows_the_study_the_recipe_and_what_each_figure_was_measured
     assert re.search(shown, report)
 
 
-def test_holdout_reproduces_the_trials_validation_f1(exported):
+def study_args(tmp, spec, storage):
+    return ["--study", spec, "--storage", storage, "--artifacts", tmp / "artifacts"]
+
+
+def test_holdout_reproduces_the_trials_validation_f1(exported, in_process, monkeypatch):
     tmp, spec, storage, _ = exported
-    done = export_best(tmp, spec, storage, "--holdout", "--out", str(tmp / "holdout"))
-    assert done.returncode == 0, done.stderr
+    # This machine's $HPO_CACHE, not the folder the trial's machine decoded into (a cluster's
+    # node-local disk): the same pixels, so the same F1.
+    monkeypatch.setenv("HPO_CACHE", str(tmp / "node-local"))
+    code, err = in_process(
+        "hpo.export_best", tmp, *study_args(tmp, spec, storage), "--holdout", "--out", tmp / "holdout"
+    )
+    assert code == 0, err
     metrics = json.loads((tmp / "holdout" / "metrics.json").read_text())
     print(f"trial {metrics['trial_value']:.6f} vs holdout retrain {metrics['val_macro_f1']:.6f}")
     # Same seed, split, code path and (recorded) thread count on the CPU: the same run again.
     assert metrics["val_macro_f1"] == pytest.approx(metrics["trial_value"], abs=1e-9)
+    assert list((tmp / "node-local").glob("*/images-*.npy")), "the retrain decoded elsewhere"
 
 
-def test_folds_export_an_ensemble_that_onnx_reproduces(exported, small_root):
+def test_folds_export_an_ensemble_that_onnx_reproduces(exported, small_root, in_process):
     tmp, spec, storage, _ = exported
-    done = export_best(tmp, spec, storage, "--folds", "3", "--out", str(tmp / "folds"))
-    assert done.returncode == 0, done.stderr
+    code, err = in_process(
+        "hpo.export_best", tmp, *study_args(tmp, spec, storage), "--folds", "3", "--out", tmp / "folds"
+    )
+    assert code == 0, err
     config = json.loads((tmp / "folds" / "config.json").read_text())
     assert config["members"] == 3
     metrics = json.loads((tmp / "folds" / "metrics.json").read_text())
@@ -194,30 +238,21 @@ def test_folds_export_an_ensemble_that_onnx_reproduces(exported, small_root):
     assert (expected.argmax(1) == got.argmax(1)).all() and np.abs(expected - got).max() < 1e-4
 
 
-def predict_eval(tmp, model_dir, root):
+def predict_eval(tmp, model_dir, root, in_process):
     out = tmp / f"predicted-{model_dir.name}"
-    command = [
-        sys.executable,
-        "-m",
-        "maskcls.predict",
-        str(model_dir),
-        "--data",
-        str(root),
-        "--out",
-        str(out),
-    ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp)
-    assert run.returncode == 0, run.stderr
+    code, err = in_process("maskcls.predict", tmp, model_dir, "--data", root, "--out", out)
+    assert code == 0, err
     return pd.read_csv(out / "submission.csv")
 
 
-def test_top_k_exports_one_ensemble_of_distinct_trials_that_onnx_and_predict_agree_on(exported, small_root):
+def test_top_k_exports_one_ensemble_of_distinct_trials_that_onnx_and_predict_agree_on(
+    exported, small_root, in_process
+):
     tmp, spec, storage, _ = exported
     out = tmp / "top2"
-    done = export_best(
-        tmp, spec, storage, "--top-k", "2", "--holdout", "--weighting", "f1", "--out", str(out)
-    )
-    assert done.returncode == 0, done.stderr
+    args = ["--top-k", "2", "--holdout", "--weighting", "f1", "--out", out]
+    code, err = in_process("hpo.export_best", tmp, *study_args(tmp, spec, storage), *args)
+    assert code == 0, err
     study = optuna.load_study(study_name="t", storage=open_storage(storage))
     best_two = sorted(
         (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: -t.value
@@ -244,13 +279,13 @@ def test_top_k_exports_one_ensemble_of_distinct_trials_that_onnx_and_predict_agr
 
     expected, got = onnx_vs_torch(out, small_root)  # one graph holds both members
     assert (expected.argmax(1) == got.argmax(1)).all() and np.abs(expected - got).max() < 1e-4
-    predicted = predict_eval(tmp, out, small_root)
+    predicted = predict_eval(tmp, out, small_root, in_process)
     assert (predicted["ans"].to_numpy() == got.argmax(1)).all()  # predict agrees on every eval image
     assert predicted.equals(pd.read_csv(out / "submission.csv"))
     assert study.user_attrs["export"]["members"] == [t.number for t in best_two[:2]]
 
 
-def test_top_k_refuses_zero_more_than_the_distinct_trials_and_folds(exported, tmp_path):
+def test_top_k_refuses_zero_more_than_the_distinct_trials_and_folds(exported, tmp_path, capsys, monkeypatch):
     tmp, spec, storage, _ = exported
     study = optuna.load_study(study_name="t", storage=open_storage(storage))
     distinct = {json.dumps(t.params, sort_keys=True) for t in study.trials if t.state.name == "COMPLETE"}
@@ -263,39 +298,59 @@ def test_top_k_refuses_zero_more_than_the_distinct_trials_and_folds(exported, tm
         (("--top-k", "2", "--folds", "3"), "--top-k and --folds do not combine"),
     ]
     for args, message in checks:  # ours: exactly one line
-        done = export_best(tmp, spec, storage, *args, "--out", str(tmp_path / "x"))
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+        code, err = export_here(tmp, spec, storage, capsys, monkeypatch, *args, "--out", str(tmp_path / "x"))
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
         assert message in lines[0]
-    both = export_best(tmp, spec, storage, "--top-k", "2", "--trial", "0", "--out", str(tmp_path / "x"))
-    assert (
-        both.returncode == 2 and "argument --trial: not allowed with argument --top-k" in both.stderr
-    )  # argparse's
+    code, err = export_here(
+        tmp, spec, storage, capsys, monkeypatch, "--top-k", "2", "--trial", "0", "--out", str(tmp_path / "x")
+    )
+    assert code == 2 and "argument --trial: not allowed with argument --top-k" in err  # argparse's
     assert not (tmp_path / "x").exists()
 
 
-def test_bad_input_is_one_clear_error_exit_2_and_nothing_half_written(exported, tmp_path):
+def test_bad_input_is_one_clear_error_exit_2_and_nothing_half_written(
+    exported, tmp_path, capsys, monkeypatch
+):
     tmp, spec, storage, out = exported
     checks = [
         (("--trial", "999", "--out", str(tmp_path / "a")), "trial 999 does not exist"),
         (("--out", str(out)), "exists and is not empty; pass --force"),
+        (("--out", str(tmp), "--force"), "--force replaces only a previous export"),  # the study's folder
     ]
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     optuna.create_study(study_name="t", storage=open_storage(empty))
     for args, message in checks:
-        done = export_best(tmp, spec, storage, *args)
-        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
-    done = export_best(tmp, spec, empty, "--out", str(tmp_path / "b"))
-    assert done.returncode == 2 and "has no finished trial yet" in done.stderr
+        code, err = export_here(tmp, spec, storage, capsys, monkeypatch, *args)
+        assert code == 2 and message in err and "Traceback" not in err, err
+    assert (tmp / "study.db").is_file() and (tmp / "artifacts").is_dir()  # --force deleted nothing
+    code, err = export_here(tmp, spec, empty, capsys, monkeypatch, "--out", str(tmp_path / "b"))
+    assert code == 2 and "has no finished trial yet" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert not [p for p in tmp.iterdir() if p.name.startswith(".export")]  # no temporary leftovers
-    not_export = subprocess.run(
-        [sys.executable, "-m", "maskcls.predict", str(tmp_path), "--data", str(tmp)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert not_export.returncode == 2 and "not a run or export directory" in not_export.stderr
+    from maskcls.cli import run_main
+    from maskcls.predict import main as predict
+
+    with pytest.raises(SystemExit) as end:
+        run_main(predict, [str(tmp_path), "--data", str(tmp)])
+    assert end.value.code == 2 and "not a run or export directory" in capsys.readouterr().err
+
+
+def test_force_replaces_a_previous_export_and_nothing_else(exported, tmp_path):
+    """A folder that holds anything besides a previous export's own files is never replaced."""
+    tmp, spec, storage, out = exported
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(out, copy)
+    (copy / "notes.txt").write_text("mine")
+    from maskcls.errors import UserError
+    from maskcls.rundir import check_out
+
+    with pytest.raises(UserError, match="also holds notes.txt, which --force would delete"):
+        check_out(copy, force=True)
+    (copy / "notes.txt").unlink()
+    check_out(copy, force=True)  # a previous export alone: replaceable
 
 
 def test_config_preprocessing_alone_reproduces_the_model_outside_the_project(exported, small_root):
@@ -325,7 +380,7 @@ def test_config_preprocessing_alone_reproduces_the_model_outside_the_project(exp
         assert np.abs(got - want).max() < 1e-4
 
 
-def test_a_plain_training_run_exports_without_a_study(tiny_cfg, tmp_path):
+def test_a_plain_training_run_exports_without_a_study(tiny_cfg, tmp_path, capsys):
     from maskcls.train import fit, load_data, save_run
 
     cfg = tiny_cfg.override({"train.epochs": 2})
@@ -351,19 +406,21 @@ def test_a_plain_training_run_exports_without_a_study(tiny_cfg, tmp_path):
     )
     expected, got = onnx_vs_torch(out, cfg.data.root)
     assert (expected.argmax(1) == got.argmax(1)).all()
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "pass --force" in again.stderr
-    not_a_run = subprocess.run(
-        [sys.executable, "-m", "maskcls.export", str(tmp_path), "--out", str(tmp_path / "x")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert not_a_run.returncode == 2 and "not a run or export directory" in not_a_run.stderr
-    assert not (tmp_path / "x").exists() and "Traceback" not in not_a_run.stderr
+    from maskcls.cli import run_main
+    from maskcls.export import main as export
+
+    for argv, message in (
+        ([str(run), "--out", str(out)], "pass --force"),
+        ([str(tmp_path), "--out", str(tmp_path / "x")], "not a run or export directory"),
+    ):
+        with pytest.raises(SystemExit) as end:
+            run_main(export, argv)
+        err = capsys.readouterr().err
+        assert end.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
 
 
-def test_decision_biases_are_baked_into_the_onnx_graph_and_predict_agrees(tiny_cfg, tmp_path):
+def test_decision_biases_are_baked_into_the_onnx_graph_and_predict_agrees(tiny_cfg, tmp_path, in_process):
     from maskcls.export import complete, run_info
     from maskcls.rundir import write_model_dir
     from maskcls.train import fit, load_data
@@ -382,14 +439,16 @@ def test_decision_biases_are_baked_into_the_onnx_graph_and_predict_agrees(tiny_c
     assert (expected.argmax(1) == got.argmax(1)).all() and np.abs(expected - got).max() < 1e-4
     shifted = np.log(p_plain + 1e-12) + np.array(biases)  # the graph applies exactly these biases
     assert (got.argmax(1) == shifted.argmax(1)).all() and (got.argmax(1) != p_plain.argmax(1)).any()
-    predicted = predict_eval(tmp_path, biased, cfg.data.root)
+    predicted = predict_eval(tmp_path, biased, cfg.data.root, in_process)
     assert (predicted["ans"].to_numpy() == got.argmax(1)).all()
 
 
-def test_calibrating_without_held_out_predictions_is_one_clear_error(exported, tmp_path):
+def test_calibrating_without_held_out_predictions_is_one_clear_error(exported, tmp_path, capsys, monkeypatch):
     tmp, spec, storage, _ = exported
-    done = export_best(tmp, spec, storage, "--calibrate", "bias", "--out", str(tmp_path / "x"))
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    code, err = export_here(
+        tmp, spec, storage, capsys, monkeypatch, "--calibrate", "bias", "--out", str(tmp_path / "x")
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: --calibrate bias fits decision biases on held-out predictions")
     assert not (tmp_path / "x").exists()

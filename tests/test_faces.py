@@ -97,15 +97,20 @@ def copy_root(root, tmp_path):
     return copy
 
 
-def train(root, tmp_path, *sets):
-    command = [sys.executable, "-m", "maskcls.train", "--data", str(root), "--out", str(tmp_path / "run")]
+def train_argv(root, tmp_path, *sets):
+    argv = ["--data", str(root), "--out", str(tmp_path / "run")]
     for key, value in face_cfg(root, tmp_path).to_dict()["data"].items():
         if key in ("image_size", "cache_dir", "val_ratio", "crop", "face_margin"):
-            command += ["--set", f"data.{key}={json.dumps(value)}"]
-    command += ["--set", "model.name=mobilenetv3_small_050", "--set", "train.epochs=1"]
-    command += ["--set", "train.batch_size=16", "--threads", "2"]
+            argv += ["--set", f"data.{key}={json.dumps(value)}"]
+    argv += ["--set", "model.name=mobilenetv3_small_050", "--set", "train.epochs=1"]
+    argv += ["--set", "train.batch_size=16", "--threads", "2"]
     for item in sets:
-        command += ["--set", item]
+        argv += ["--set", item]
+    return argv
+
+
+def train(root, tmp_path, *sets):
+    command = [sys.executable, "-m", "maskcls.train", *train_argv(root, tmp_path, *sets)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
@@ -120,18 +125,17 @@ def test_photos_without_a_box_fall_back_and_are_counted(small_root, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["face_crop_fallbacks"] == 3
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, message",
     [
         ("missing", "face boxes table {table}: file not found"),
-        ("not numbers", "row(s) without a box x0 < x1, y0 < y1 in numbers (first: line 3"),
+        ("not numbers", "row(s) without a box x0 < x1, y0 < y1 in finite numbers (first: line 3"),
         ("outside", "1 box(es) outside their photo (first: train/images/"),
         ("unknown photo", "1 row(s) for photos that are not in"),
         ("no column", "missing column(s) y1"),
     ],
 )
-def test_a_bad_boxes_table_is_one_line_and_exit_2(small_root, tmp_path, damage, message):
+def test_a_bad_boxes_table_is_one_line_and_exit_2(small_root, tmp_path, damage, message, capsys):
     root = copy_root(small_root, tmp_path)
     table_path = root / STANDIN_TABLES[0]
     table = pd.read_csv(table_path)
@@ -148,9 +152,14 @@ def test_a_bad_boxes_table_is_one_line_and_exit_2(small_root, tmp_path, damage, 
         table = table.drop(columns=["y1"])
     if damage != "missing":
         table.to_csv(table_path, index=False)
-    done = train(root, tmp_path, f"data.face_boxes={table_path}")
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    from maskcls.cli import run_main
+    from maskcls.train import main
+
+    with pytest.raises(SystemExit) as end:  # in this process: it stops before any training
+        run_main(main, train_argv(root, tmp_path, f"data.face_boxes={table_path}"))
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert end.value.code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
     assert lines[0].startswith("error: face boxes table") and message.format(table=table_path) in lines[0]
     assert not (tmp_path / "run").exists()
 
@@ -163,20 +172,40 @@ def test_no_table_for_a_face_crop_names_the_fix(tiny_root, tmp_path):
         crop_for(face_cfg(root, tmp_path).data, list(scan(root)["path"]))
 
 
+@pytest.fixture
+def in_process(capsys):
+    """An entry point's main in this process: exit code, stdout, stderr; torch's thread count is
+    the process's own again afterwards (train and export set it)."""
+    import importlib
+
+    import torch
+
+    from maskcls.cli import run_main
+
+    threads = torch.get_num_threads()
+
+    def call(module, *argv):
+        with pytest.raises(SystemExit) as end:
+            run_main(importlib.import_module(module).main, [str(a) for a in argv])
+        torch.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        return end.value.code, out, err
+
+    return call
+
+
 @pytest.mark.slow
-def test_face_crop_trains_exports_and_the_onnx_recipe_reproduces_predict(small_root, tmp_path):
-    done = train(small_root, tmp_path)
-    assert done.returncode == 0, done.stderr
+def test_face_crop_trains_exports_and_the_onnx_recipe_reproduces_predict(small_root, tmp_path, in_process):
+    code, _, err = in_process("maskcls.train", *train_argv(small_root, tmp_path))
+    assert code == 0, err
     export = tmp_path / "export"
-    command = [sys.executable, "-m", "maskcls.export", str(tmp_path / "run"), "--out", str(export)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    code, _, err = in_process("maskcls.export", tmp_path / "run", "--out", export)
+    assert code == 0, err
     pre = json.loads((export / "config.json").read_text())["preprocessing"]
     assert (pre["crop"], pre["face_margin"]) == ("face", 0.1)
 
-    command = [sys.executable, "-m", "maskcls.predict", str(export), "--data", str(small_root)]
-    done = subprocess.run([*command, "--out", str(tmp_path / "p")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    code, _, err = in_process("maskcls.predict", export, "--data", small_root, "--out", tmp_path / "p")
+    assert code == 0, err
     predicted = pd.read_csv(tmp_path / "p" / "submission.csv")
     assert predicted.equals(pd.read_csv(export / "submission.csv"))
 
@@ -188,16 +217,17 @@ def test_face_crop_trains_exports_and_the_onnx_recipe_reproduces_predict(small_r
     assert list(probs.argmax(1)) == list(predicted["ans"])  # every eval image
 
     photos = list(evals["path"][:3])  # single photos with their boxes given: the same classes
-    command = [sys.executable, "-m", "maskcls.predict", str(export), *photos]
-    done = subprocess.run(
-        [*command, "--face-boxes", str(small_root / STANDIN_TABLES[1])], capture_output=True, text=True
+    code, out, err = in_process(
+        "maskcls.predict", export, *photos, "--face-boxes", small_root / STANDIN_TABLES[1]
     )
-    assert done.returncode == 0, done.stderr
-    assert [int(line.split("\t")[1]) for line in done.stdout.splitlines()] == list(predicted["ans"][:3])
+    assert code == 0, err
+    assert [int(line.split("\t")[1]) for line in out.splitlines()] == list(predicted["ans"][:3])
 
 
 @pytest.mark.slow
-def test_hpo_run_crops_faces_and_a_table_that_does_not_fit_stops_it_before_any_trial(small_root, tmp_path):
+def test_hpo_run_crops_faces_and_a_table_that_does_not_fit_stops_it_before_any_trial(
+    small_root, tmp_path, in_process
+):
     fixed = {"data.crop": "face", "data.face_margin": 0.1}
     spec = write_spec(tmp_path, small_root, epochs=[1], n_trials=2)
     spec_values = yaml.safe_load(spec.read_text())
@@ -213,7 +243,9 @@ def test_hpo_run_crops_faces_and_a_table_that_does_not_fit_stops_it_before_any_t
     spec_values["study"] = "broken"
     spec_values["fixed"]["data.face_boxes"] = str(tmp_path / "nowhere.csv")
     spec.write_text(yaml.safe_dump(spec_values))
-    code, out, err = finish(hpo_run(spec, storage, "--workers", "1", cwd=tmp_path))
+    code, out, err = in_process(
+        "hpo.run", "--study", spec, "--storage", storage
+    )  # it stops before any worker
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: face boxes table"), err
     assert "broken" not in optuna.get_all_study_names(storage_at(storage))
 

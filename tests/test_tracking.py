@@ -95,6 +95,7 @@ def test_mlflow_refusing_its_file_store_is_one_error_line_naming_sqlite(monkeypa
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_each_outcome_closes_its_run_with_the_matching_status(tmp_path):
     """No training: a trial's calls as hpo.objective makes them, against an SQLite MLflow store."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -145,6 +146,7 @@ def test_each_outcome_closes_its_run_with_the_matching_status(tmp_path):
     assert stored.is_file()  # beside the database, not in ./mlruns of the current folder
 
 
+@pytest.mark.slow
 def test_processes_asking_at_once_share_one_experiment_in_a_file_store(tmp_path, monkeypatch):
     """MLflow's file store creates a second experiment of the same name when asked at once (it
     did in every try without the lock); threads with their own clients stand in for workers."""

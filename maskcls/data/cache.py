@@ -23,6 +23,7 @@ from filelock import FileLock
 from PIL import Image
 
 from maskcls.data.faces import Box, Crop, crop_for
+from maskcls.data.photo import UNDECODABLE, open_rgb
 from maskcls.errors import DataError
 from maskcls.progress import bar
 from maskcls.rundir import write_atomic
@@ -49,12 +50,11 @@ def load_image(path: str, size: tuple[int, int], crop: Crop = Crop(), index: int
     reproduced outside PIL.)
     """
     height, width = size
-    with Image.open(path) as file:
-        img = file.convert("RGB")
-        window = crop.window(index, *img.size)
-        if window != (0, 0, *img.size):
-            img = img.crop(window)
-        return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
+    img = open_rgb(path)  # upright, 8-bit RGB (maskcls.data.photo)
+    window = crop.window(index, *img.size)
+    if window != (0, 0, *img.size):
+        img = img.crop(window)
+    return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
 
 
 def images_for(
@@ -89,7 +89,7 @@ def _write(target: Path, paths, size, crop: Crop, workers, progress) -> None:
     def fill(i: int, array: np.ndarray) -> str | None:
         try:
             array[i] = load_image(paths[i], size, crop, i)
-        except (OSError, SyntaxError, ValueError) as err:
+        except UNDECODABLE as err:
             return f"{paths[i]}: not a decodable image ({err})"
         return None
 

@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.data import cache
 from maskcls.data.faces import Crop
 from maskcls.data.layout import read_layout
+from maskcls.data.photo import UNDECODABLE, decodes
 from maskcls.errors import DataError, UserError
 from maskcls.labels import NUM_CLASSES, AgeCutoffs, class_name
 from maskcls.progress import bar
@@ -30,10 +30,8 @@ def undecodable(paths: Iterable[str], workers: int = 4, progress: bool = True) -
 
     def problem(path: str) -> str | None:
         try:
-            with Image.open(path) as img:
-                img.draft("RGB", (img.width // 4, img.height // 4))  # JPEG: decode at 1/4, still reads all
-                img.load()
-        except (OSError, SyntaxError, ValueError) as err:
+            decodes(path)
+        except UNDECODABLE as err:
             return f"{path}: not a decodable image ({err})"
         return None
 

@@ -17,13 +17,17 @@ centre crop; the run counts them.
 from __future__ import annotations
 
 import argparse
+import csv
+import functools
 import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -31,6 +35,7 @@ from PIL import Image
 
 from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.data.layout import all_photos
+from maskcls.data.photo import upright_size
 from maskcls.errors import UserError
 
 if TYPE_CHECKING:
@@ -106,43 +111,89 @@ def tables_of(data: DataConfig) -> list[Path]:
     return found
 
 
-def read_boxes(files: Sequence[Path], root: str | Path) -> dict[str, Box]:
-    """Resolved photo path -> its box, from every table; UserError naming the table and the row
-    for a missing file, a missing column, a value that is not a number or a box that is empty."""
+def read_boxes(files: Sequence[Path], root: str | Path) -> Mapping[str, Box]:
+    """Resolved photo path -> its box, from every table; UserError naming the table and the line
+    for a missing file, a missing column, a row of the wrong width, an empty path, a value that is
+    not a finite number, an empty box, or a photo given two different boxes. Each table is read
+    once per process (it may hold a million rows) and again only when it changes on disk."""
     boxes: dict[str, Box] = {}
+    lines: dict[str, tuple[Path, int]] = {}
     for file in files:
         try:
-            table = pd.read_csv(file, dtype={"path": str})
+            stat = file.stat()
         except FileNotFoundError:
             raise UserError(
                 f"face boxes table {file}: file not found (the detector writes one: "
                 f"python -m maskcls.data.faces --data ROOT --out {file.parent})"
             ) from None
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            raise UserError(f"face boxes table {file}: not a readable CSV ({str(err).strip()})") from None
-        missing = [c for c in COLUMNS[:5] if c not in table.columns]
-        if missing:
-            raise UserError(
-                f"face boxes table {file}: missing column(s) {', '.join(missing)}; expected {COLUMNS}"
-            )
-        searched = table[list(COLUMNS[1:5])].isna().all(axis=1)  # the detector found no face there
-        table = table[~searched].reset_index(drop=True)
-        numbers = table[list(COLUMNS[1:5])].apply(pd.to_numeric, errors="coerce")
-        bad = numbers.isna().any(axis=1) | (numbers["x1"] <= numbers["x0"]) | (numbers["y1"] <= numbers["y0"])
-        if bad.any():
-            row = int(bad.to_numpy().argmax())
-            raise UserError(
-                f"face boxes table {file}: {int(bad.sum())} row(s) without a box x0 < x1, y0 < y1 in numbers "
-                f"(first: line {row + 2}, {table['path'].iloc[row]})"
-            )
-        for path, *box in zip(table["path"], *(numbers[c] for c in COLUMNS[1:5]), strict=True):
-            boxes[str((Path(root) / path).resolve())] = (
-                float(box[0]),
-                float(box[1]),
-                float(box[2]),
-                float(box[3]),
-            )
-    return boxes
+        for path, (line, box) in _read_table(str(file), stat.st_mtime_ns, stat.st_size, str(root)).items():
+            if path in boxes and boxes[path] != box:
+                first = lines[path]
+                photo = os.path.relpath(path, Path(root).resolve())
+                raise UserError(
+                    f"face boxes table {file}: line {line} gives {photo} another box than {first[0]} "
+                    f"line {first[1]}; keep one"
+                )
+            boxes[path], lines[path] = box, (file, line)
+    return MappingProxyType(boxes)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_table(file: str, mtime_ns: int, size: int, root: str) -> Mapping[str, tuple[int, Box]]:
+    """Resolved photo path -> (line, box) of one table, keyed by its file's identity on disk."""
+    table: dict[str, tuple[int, Box]] = {}
+    bad: list[int] = []
+    base = Path(root)
+    try:
+        with open(file, newline="", encoding="utf-8") as handle:
+            rows = csv.reader(handle)
+            header = [name.strip() for name in next(rows, [])]
+            missing = [c for c in COLUMNS[:5] if c not in header]
+            if missing:
+                raise UserError(
+                    f"face boxes table {file}: missing column(s) {', '.join(missing)}; expected {COLUMNS}"
+                )
+            at = [header.index(c) for c in COLUMNS[:5]]
+            for line, row in enumerate(rows, start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    width = f"{len(row)} fields, the header {len(header)}"
+                    raise UserError(f"face boxes table {file}: line {line} has {width}")
+                path, *coordinates = (row[i].strip() for i in at)
+                if not path:
+                    raise UserError(f"face boxes table {file}: line {line} has an empty path")
+                if not any(coordinates):  # the detector searched this photo and found no face
+                    continue
+                box = _box(coordinates)
+                if box is None:
+                    bad.append(line)
+                    continue
+                key = str((base / path).resolve())
+                if key in table and table[key][1] != box:
+                    raise UserError(
+                        f"face boxes table {file}: line {line} gives {path} another box than line "
+                        f"{table[key][0]}; keep one"
+                    )
+                table[key] = (line, box)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"face boxes table {file}: not a readable CSV ({str(err).strip()[:200]})") from None
+    if bad:
+        raise UserError(
+            f"face boxes table {file}: {len(bad)} row(s) without a box x0 < x1, y0 < y1 in finite numbers "
+            f"(first: line {bad[0]})"
+        )
+    return MappingProxyType(table)
+
+
+def _box(coordinates: Sequence[str]) -> Box | None:
+    try:
+        x0, y0, x1, y1 = (float(c) for c in coordinates)
+    except ValueError:
+        return None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
+        return None
+    return (x0, y0, x1, y1)
 
 
 def crop_for(data: DataConfig, paths: Sequence[str], boxes: Mapping[str, Box] | None = None) -> Crop:
@@ -171,18 +222,22 @@ def check(data: DataConfig) -> None:
             f"{len(unknown)} row(s) for photos that are not in {data.root} (first: "
             f"{os.path.relpath(unknown[0], Path(data.root).resolve())}); is it the table of another data set?"
         )
-    outside = []
-    for path, (x0, y0, x1, y1) in boxes.items():
-        if path not in known:
-            continue
-        with Image.open(path) as img:  # reads the header only
-            width, height = img.size
-        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-            outside.append(f"{os.path.relpath(path, Path(data.root).resolve())} ({width}x{height})")
+    outside = outside_photos({p: b for p, b in boxes.items() if p in known}, data.root)
     if outside:
         problems.append(f"{len(outside)} box(es) outside their photo (first: {outside[0]})")
     if problems:
         raise UserError(f"face boxes table {', '.join(map(str, tables_of(data)))}: " + "; ".join(problems))
+
+
+def outside_photos(boxes: Mapping[str, Box], root: str | Path) -> list[str]:
+    """The photos (relative to `root`, with their size) whose box is not inside them, as shown."""
+    outside = []
+    for path, (x0, y0, x1, y1) in boxes.items():
+        with Image.open(path) as img:  # reads the header only
+            width, height = upright_size(img)
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            outside.append(f"{os.path.relpath(path, Path(root).resolve())} ({width}x{height})")
+    return outside
 
 
 def detect_table(root: str | Path, out: Path, workers: int | None = None, progress: bool = True) -> Path:
@@ -194,6 +249,8 @@ def detect_table(root: str | Path, out: Path, workers: int | None = None, progre
 
     photos = all_photos(root)
     table = out / TABLE_NAME
+    if table.is_file():
+        read_boxes([table], root)  # a damaged table is one error line, not a traceback halfway
     done = pd.read_csv(table, dtype={"path": str}) if table.is_file() else pd.DataFrame(columns=list(COLUMNS))
     have = set(done["path"])
     todo = [p for p in photos if os.path.relpath(p, root) not in have]
