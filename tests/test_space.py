@@ -125,6 +125,22 @@ def test_shipped_specs_load():
     assert mask.enqueue and isinstance(mask.make_pruner(), optuna.pruners.HyperbandPruner)
 
 
+def test_a_users_spec_folder_comes_first_and_hpo_cache_moves_the_decoded_images(tmp_path, monkeypatch):
+    own = tmp_path / "specs"
+    own.mkdir()
+    space = "space: {optim.lr: {type: float, low: 0.001, high: 0.1}}\n"
+    (own / "mask.yaml").write_text("study: mine\n" + space)
+    monkeypatch.setenv("HPO_STUDIES", str(own))
+    mine = specs.load("mask")
+    assert mine.name == "mine" and mine.base.data.cache_dir == "runs/mine/cache"
+    assert specs.load("demo").name == "demo"  # the shipped one, not in the user's folder
+
+    monkeypatch.setenv("HPO_CACHE", str(tmp_path / "node-local"))
+    assert specs.load("mask").base.data.cache_dir == str(tmp_path / "node-local" / "mine")
+    (own / "fixed.yaml").write_text("fixed: {data.cache_dir: /scratch/c}\n" + space)
+    assert specs.load("fixed").base.data.cache_dir == "/scratch/c"  # a spec's own value wins
+
+
 def draws(spec, n=6, seed=None):
     """Parameters of n trials asked one by one from the spec's sampler (a fresh study each call)."""
     if seed is not None:

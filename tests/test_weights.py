@@ -55,6 +55,7 @@ def test_mask_spec_fine_tunes_imagenet_weights_of_every_backbone():
     }
 
 
+@pytest.mark.slow
 def test_imagenet_weights_load_from_the_hub_cache_offline(tmp_path):
     state = build_hub_cache(tmp_path / "hf")
     torch.save(state["conv_stem.weight"], tmp_path / "expected.pt")
@@ -86,6 +87,7 @@ print([tuple(h.weight.shape) for h in model.heads])
     assert done.stdout.split("\n")[:2] == ["True", "[(3, 1024), (2, 1024), (3, 1024)]"]
 
 
+@pytest.mark.slow
 def test_offline_without_cache_stops_the_study_before_anything_is_stored(small_root, tmp_path):
     spec = write_spec(tmp_path, small_root)
     text = spec.read_text().replace(
@@ -102,6 +104,7 @@ def test_offline_without_cache_stops_the_study_before_anything_is_stored(small_r
     assert optuna.get_all_study_names(open_storage(storage)) == []
 
 
+@pytest.mark.slow
 def test_fetch_names_every_missing_backbone_of_a_study_at_once(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "maskcls.weights", "fetch", "--study", "mask"],
@@ -114,6 +117,7 @@ def test_fetch_names_every_missing_backbone_of_a_study_at_once(tmp_path):
     assert all(name in done.stderr for name in ("resnet34", "convnext_nano", "regnety_016"))
 
 
+@pytest.mark.slow
 def test_training_starts_from_a_local_weights_file(tiny_cfg, tmp_path):
     state = timm.create_model(TINY, num_classes=1000).state_dict()
     path = tmp_path / "weights.pth"

