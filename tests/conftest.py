@@ -92,6 +92,21 @@ def summary_line():
     return SUMMARY_LINES.append
 
 
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Setup, call and teardown of every test, summed per file for the summary below."""
+    path = report.nodeid.split("::")[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
 def pytest_terminal_summary(terminalreporter):
+    """The summary lines tests left, then the ten slowest test files: where the suite's time goes."""
     for line in SUMMARY_LINES:
         terminalreporter.write_line(line)
+    if not _FILE_SECONDS:
+        return
+    terminalreporter.write_sep("=", "slowest files (setup + call + teardown)")
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:10]:
+        terminalreporter.write_line(f"{seconds:8.1f}s {path}")

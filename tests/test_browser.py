@@ -4,7 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import dashboard_server, debian_tool
+from helpers import dashboard_server, system_tool
 
 pytestmark = pytest.mark.slow
 FLAGS = [
@@ -23,7 +23,7 @@ FLAGS = [
 
 @pytest.fixture(scope="session")
 def chromium():
-    return debian_tool("chromium", "chromium")
+    return system_tool("chromium", "chromium")
 
 
 @pytest.fixture

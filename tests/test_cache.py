@@ -30,6 +30,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_concurrent_processes_build_the_cache_once(small_root, tmp_path):
     log = tmp_path / "log"
     script = tmp_path / "worker.py"

@@ -85,11 +85,13 @@ def row_of(listing, name):
     return rows[0]
 
 
+@pytest.mark.slow
 def test_version_is_the_installed_distributions():
     code, out, err = mask_hpo("--version")
     assert code == 0 and out == f"mask-hpo {version('mask-hpo')}\n" and err == ""
 
 
+@pytest.mark.slow
 def test_help_lists_every_command_with_its_line_and_a_wrong_command_is_exit_2():
     code, out, _ = mask_hpo("--help")
     flat = " ".join(out.split())
@@ -101,29 +103,37 @@ def test_help_lists_every_command_with_its_line_and_a_wrong_command_is_exit_2():
         assert code == 2 and out == "" and "COMMAND" in err, wrong
 
 
+def module_help(module, capsys, monkeypatch):
+    """`python -m MODULE --help`, in this process."""
+    import importlib
+
+    monkeypatch.setenv("COLUMNS", ENV["COLUMNS"])
+    with pytest.raises(SystemExit) as end:
+        importlib.import_module(module).main(["--help"])
+    assert end.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.slow  # one process start per command: the console script's smoke test
 @pytest.mark.parametrize("name", COMMANDS)
-def test_each_command_is_its_modules_program(name):
+def test_each_command_is_its_modules_program(name, capsys, monkeypatch):
     module = COMMANDS[name][0]
     code, out, err = mask_hpo(name, "--help")
     assert code == 0 and out.startswith(f"usage: mask-hpo {name} ") and err == "", err  # maskcls.cli.prog
-    direct = subprocess.run(
-        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120, env=ENV
-    )
+    direct = module_help(module, capsys, monkeypatch)
     # The same words, but for the name it shows itself under (mask-hpo run / python -m hpo.run),
     # whose length moves the usage's line breaks.
     prog = re.compile(rf"mask-hpo {name}|python -m [\w.-]+")
-    assert direct.returncode == 0
-    assert prog.sub("PROG", out).split() == prog.sub("PROG", direct.stdout).split()
+    assert prog.sub("PROG", out).split() == prog.sub("PROG", direct).split()
 
 
-def test_studies_usage_names_the_command_typed():
+@pytest.mark.slow
+def test_studies_usage_names_the_command_typed(capsys, monkeypatch):
     assert mask_hpo("studies", "best", "--help")[1].startswith("usage: mask-hpo studies best ")
-    direct = subprocess.run(
-        [sys.executable, "-m", "hpo.studies", "--help"], capture_output=True, text=True, timeout=60, env=ENV
-    )
-    assert direct.stdout.startswith("usage: python -m hpo.studies ")
+    assert module_help("hpo.studies", capsys, monkeypatch).startswith("usage: python -m hpo.studies ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args", [["--help"], ["--version"], ["run", "--help"], ["studies", "list", "--help"]]
 )
@@ -208,6 +218,7 @@ def test_an_unknown_study_names_the_existing_ones(sqlite_copy):
     assert study_names(url) == ["t"]
 
 
+@pytest.mark.slow
 def test_a_missing_sqlite_file_is_one_line_and_creates_nothing(tmp_path):
     missing = tmp_path / "no" / "study.db"
     for args in (["list"], ["best", "--study", "t"], ["delete", "--study", "t", "--yes"]):
@@ -219,6 +230,7 @@ def test_a_missing_sqlite_file_is_one_line_and_creates_nothing(tmp_path):
     assert not missing.parent.exists()
 
 
+@pytest.mark.slow
 def test_list_without_a_storage_says_to_pass_one(tmp_path):
     code, out, err = mask_hpo("studies", "list", cwd=tmp_path)
     assert code == 2 and err.splitlines() == [
@@ -248,6 +260,7 @@ def pg_study():
         optuna.delete_study(study_name=name, storage=storage_at(POSTGRES))
 
 
+@pytest.mark.slow
 def test_studies_list_best_and_delete_on_postgresql(pg_study):
     code, out, err = mask_hpo(
         "studies", "list", env={"HPO_STORAGE": POSTGRES}

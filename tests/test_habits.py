@@ -30,7 +30,7 @@ def trials_of(storage):
 
 
 def test_one_worker_repeats_a_seeded_study_and_its_log_has_a_line_per_trial(small_root, tmp_path):
-    spec = write_spec(tmp_path, small_root, n_trials=5)
+    spec = write_spec(tmp_path, small_root, n_trials=3)  # the 2 queued recipes, then 1 seeded draw
     first, second = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     code, log = run_logged(spec, first, tmp_path / "a.log", tmp_path, "--workers", "1")
     assert code == 0, log
@@ -39,7 +39,7 @@ def test_one_worker_repeats_a_seeded_study_and_its_log_has_a_line_per_trial(smal
 
     assert trials_of(first) == trials_of(second)  # parameters, values and every epoch's value
     finished = [t for t in load(first).trials if t.state.is_finished()]
-    assert len(finished) == 5 and {t.state.name for t in finished} == {"COMPLETE", "PRUNED"}
+    assert len(finished) == 3 and {t.state.name for t in finished} == {"COMPLETE", "PRUNED"}
     for t in finished:
         word = "complete: val macro-F1" if t.state == optuna.trial.TrialState.COMPLETE else "pruned at epoch"
         assert len(re.findall(rf"^trial {t.number} {word}", log, re.M)) == 1, log
@@ -68,7 +68,8 @@ def test_training_uses_the_cores_it_owns_and_writes_lines_not_carriage_returns(s
 
 
 def test_openmp_does_not_spin_unless_the_user_says_so():
-    probe = "import os, maskcls.train; print(os.environ['OMP_WAIT_POLICY'])"
+    """maskcls/__init__.py sets it, before any of its modules loads torch (and torch its OpenMP)."""
+    probe = "import os, maskcls; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     default = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     own = subprocess.run(
@@ -80,11 +81,24 @@ def test_openmp_does_not_spin_unless_the_user_says_so():
     assert (default.stdout.strip(), own.stdout.strip()) == ("PASSIVE", "ACTIVE")
 
 
-def test_threads_flag_is_checked(single_run, small_root):
+def in_process(module, argv, capsys):
+    """An entry point's main in this process: exit code, stdout, stderr."""
+    import importlib
+
+    from maskcls.cli import run_main
+
+    with pytest.raises(SystemExit) as end:
+        run_main(importlib.import_module(module).main, argv)
+    out, err = capsys.readouterr()
+    return end.value.code, out, err
+
+
+def test_threads_flag_is_checked(single_run, small_root, capsys):
     tmp, _ = single_run
-    command = [sys.executable, "-m", "maskcls.predict", str(tmp / "run"), "--data", str(small_root)]
-    done = subprocess.run([*command, "--threads", "0"], capture_output=True, text=True, cwd=tmp)
-    assert done.returncode == 2 and done.stderr.strip() == "error: --threads must be at least 1, got 0"
+    code, _, err = in_process(
+        "maskcls.predict", [str(tmp / "run"), "--data", str(small_root), "--threads", "0"], capsys
+    )
+    assert code == 2 and err.strip() == "error: --threads must be at least 1, got 0"
 
 
 def test_predicting_photos_leaves_no_cache_behind_unless_asked(single_run, small_root, tmp_path):
@@ -103,15 +117,14 @@ def test_predicting_photos_leaves_no_cache_behind_unless_asked(single_run, small
     shutil.rmtree(kept)
 
 
-def test_predict_out_is_a_directory(single_run, small_root, tmp_path):
+def test_predict_out_is_a_directory(single_run, small_root, tmp_path, capsys, monkeypatch):
     tmp, _ = single_run
-    command = [sys.executable, "-m", "maskcls.predict", str(tmp / "run"), "--data", str(small_root)]
-    done = subprocess.run([*command, "--out", str(tmp_path / "sub.csv")], capture_output=True, text=True)
-    assert done.returncode == 2 and "give a directory" in done.stderr and not list(tmp_path.iterdir())
-    done = subprocess.run(
-        [*command, "--out", str(tmp_path / "p")], capture_output=True, text=True, cwd=tmp_path
-    )
-    assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(tmp_path)
+    argv = [str(tmp / "run"), "--data", str(small_root)]
+    code, _, err = in_process("maskcls.predict", [*argv, "--out", str(tmp_path / "sub.csv")], capsys)
+    assert code == 2 and "give a directory" in err and not list(tmp_path.iterdir())
+    code, _, err = in_process("maskcls.predict", [*argv, "--out", str(tmp_path / "p")], capsys)
+    assert code == 0, err
     assert [p.name for p in tmp_path.iterdir()] == ["p"] and (tmp_path / "p" / "submission.csv").is_file()
 
 
@@ -124,6 +137,6 @@ def test_predict_out_is_a_directory(single_run, small_root, tmp_path):
         ("hpo.dashboard", "port to serve on (default: 8080)"),
     ],
 )
-def test_help_shows_defaults(module, shown):
-    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and shown in " ".join(done.stdout.split()), done.stdout
+def test_help_shows_defaults(module, shown, capsys):
+    code, out, _ = in_process(module, ["--help"], capsys)
+    assert code == 0 and shown in " ".join(out.split()), out

@@ -206,6 +206,7 @@ def test_problems_are_a_typed_exception_from_python(root):
         scan(root)
 
 
+@pytest.mark.slow
 def test_cli_exit_code_from_a_fresh_process(root):
     import subprocess
     import sys

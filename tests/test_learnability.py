@@ -3,6 +3,7 @@
 import warnings
 
 import numpy as np
+import pytest
 from PIL import Image
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -13,6 +14,7 @@ from maskcls.data.layout import scan
 from maskcls.data.split import holdout
 
 
+@pytest.mark.slow
 def test_logistic_regression_learns_mask_well_and_age_band_clearly_worse(standin300):
     images = scan(standin300)
     pixels = np.stack(

@@ -101,6 +101,7 @@ def test_a_run_that_cannot_fit_fails_at_once_or_after_the_wait(gpu):
         memory.reserve(600 * MiB, torch.device("cuda"), wait_s=0.05, poll_s=0.01)
 
 
+@pytest.mark.slow
 def test_out_of_memory_releases_the_trials_tensors_before_freeing_the_cache(
     monkeypatch, tmp_path, small_root
 ):

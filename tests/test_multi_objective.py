@@ -86,7 +86,21 @@ def test_pick_f1_within_exports_the_fastest_trial_near_the_best_f1(two_objective
     assert json.loads((tmp / "default" / "metrics.json").read_text())["trial"] == best.number
 
 
-def test_bad_objectives_and_picks_are_one_line_exit_2(two_objectives, finished_study, tmp_path):
+def in_process(module, argv, capsys, monkeypatch, cwd):
+    """An entry point's main in this process (what it refuses needs no fresh interpreter)."""
+    import importlib
+
+    from maskcls.cli import run_main
+
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as end:
+        run_main(importlib.import_module(module).main, argv)
+    return end.value.code, capsys.readouterr().err
+
+
+def test_bad_objectives_and_picks_are_one_line_exit_2(
+    two_objectives, finished_study, tmp_path, capsys, monkeypatch
+):
     tmp, spec, storage, _ = two_objectives
     raw = yaml.safe_load(spec.read_text())
     bad_specs = [
@@ -97,15 +111,17 @@ def test_bad_objectives_and_picks_are_one_line_exit_2(two_objectives, finished_s
     for change, message in bad_specs:
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({**raw, **change}))
-        code, _, err = finish(hpo_run(path, f"sqlite:///{tmp_path / 'bad.db'}", cwd=tmp_path))
+        argv = ["--study", str(path), "--storage", f"sqlite:///{tmp_path / 'bad.db'}"]
+        code, err = in_process("hpo.run", argv, capsys, monkeypatch, tmp_path)
         assert code == 2 and err.strip().splitlines()[-1].startswith("error: ") and message in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     one_tmp, one_spec, one_storage, _ = finished_study
-    for target, args, message in [
+    for (cwd, target_spec, target_storage), args, message in [
         ((one_tmp, one_spec, one_storage), ("--pick", "f1-within:0.01"), "--pick chooses between objectives"),
         ((tmp, spec, storage), ("--pick", "fastest"), "expected best-f1 or f1-within:D"),
     ]:
-        done = export_best(*target, *args, "--out", str(tmp_path / "x"))
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and lines == [lines[-1]] and message in lines[-1], done.stderr
+        argv = ["--study", str(target_spec), "--storage", target_storage, *args, "--out", str(tmp_path / "x")]
+        code, err = in_process("hpo.export_best", argv, capsys, monkeypatch, cwd)
+        lines = err.strip().splitlines()
+        assert code == 2 and lines == [lines[-1]] and message in lines[-1], err
     assert not (tmp_path / "x").exists()

@@ -45,6 +45,7 @@ def run_trials(spec, lrs):
     return study.trials
 
 
+@pytest.mark.slow
 def test_divergence_fails_the_trial_with_its_reason_and_the_next_one_runs(spec):
     diverged, fine = run_trials(spec, [1e30, 3e-3])
     assert diverged.state == optuna.trial.TrialState.FAIL
@@ -52,6 +53,7 @@ def test_divergence_fails_the_trial_with_its_reason_and_the_next_one_runs(spec):
     assert fine.state == optuna.trial.TrialState.COMPLETE and 0 <= fine.value <= 1
 
 
+@pytest.mark.slow
 def test_out_of_memory_fails_the_trial_and_the_next_one_runs(spec, monkeypatch):
     """No GPU here, so the allocator's error is raised by a stand-in for fit; the handling is real."""
     real_fit = train.fit

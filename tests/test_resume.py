@@ -37,9 +37,20 @@ def stop_after(epoch_to_stop):
     return on_epoch
 
 
-@pytest.mark.parametrize("stopped_at", [1, 2, 4])
-def test_a_resumed_fit_ends_exactly_where_an_uninterrupted_one_does(tiny_cfg, tmp_path, stopped_at):
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test, the process's own count again after it (no leak into others)."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stopped_at", [1, 2, 4])
+def test_a_resumed_fit_ends_exactly_where_an_uninterrupted_one_does(
+    tiny_cfg, tmp_path, stopped_at, one_thread
+):
     cfg = tiny_cfg.override(RECIPE)
     data = load_data(cfg, progress=False)
     straight = fit(cfg, data, "cpu")
@@ -65,6 +76,7 @@ def test_a_resumed_fit_ends_exactly_where_an_uninterrupted_one_does(tiny_cfg, tm
     assert not retry.path.exists() and not first.path.exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_loads_with_weights_only(tiny_cfg, tmp_path):
     cfg = tiny_cfg.override({"train.epochs": 1})
     checkpoint = CheckpointFile(tmp_path / "c.pt", key="study t, recipe 1, cpu")
@@ -73,6 +85,7 @@ def test_a_checkpoint_loads_with_weights_only(tiny_cfg, tmp_path):
     assert set(state) == {"course", "model", "optimizer", "schedule", "scaler", "rng", "key"}
 
 
+@pytest.mark.slow
 def test_only_a_predecessor_with_the_same_key_is_resumed(tiny_cfg, tmp_path):
     """A file left by another study, recipe or device type is never continued from; nor is a
     run's own file, which only an older study with the same trial numbers could have left."""
@@ -89,6 +102,7 @@ def test_only_a_predecessor_with_the_same_key_is_resumed(tiny_cfg, tmp_path):
     assert trained == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_run_that_ran_out_of_patience_before_it_was_killed_stops_on_resume(tiny_cfg, tmp_path):
     cfg = tiny_cfg.override({"train.epochs": 8, "train.patience": 1, "optim.lr": 1e-2})
     data = load_data(cfg, progress=False)
@@ -115,6 +129,7 @@ def test_an_exploding_loss_fails_even_while_finite():
         Course().check_loss(math.nan, epoch=1, step=20)
 
 
+@pytest.mark.slow
 def test_adamw_at_a_huge_rate_with_clipping_stops_as_diverged(tiny_cfg):
     """The issue's case: clipping keeps the loss finite (9e12) while the run learns nothing."""
     cfg = tiny_cfg.override(

@@ -44,6 +44,7 @@ def test_eval_set_and_ground_truth(standin300):
     assert info["ImageID"].str.fullmatch(r"[0-9a-f]{40}\.(jpg|jpeg|png)").all()
 
 
+@pytest.mark.slow
 def test_identical_bytes_for_same_seed_whatever_the_workers(tmp_path):
     args = dict(people=12, eval_people=3, size=(32, 40), progress=False)
     a = tree_digest(generate(tmp_path / "a", seed=7, workers=1, **args))
