@@ -1,5 +1,5 @@
 """bench/gpu_check.sh works before anyone spends GPU time on it: every step's code path, small, on
-the CPU, with the packages a GPU image lacks hidden, within the quick plan's budgets (~3 minutes).
+the CPU, with the packages a GPU image lacks hidden, in at most four minutes.
 
 Merged here: tests/test_run.py's "a worker killed at epoch 3 of 5 resumes and ends as if never
 killed". The check's resume step kills a worker with SIGKILL after its first epoch and requires,
@@ -29,7 +29,7 @@ def hidden(folder: Path) -> Path:
     return folder
 
 
-def test_the_gpu_check_runs_every_step_on_the_cpu_within_its_budgets(tmp_path, summary_line):
+def test_the_gpu_check_runs_every_step_on_the_cpu_in_at_most_four_minutes(tmp_path, summary_line):
     from bench.gpu_check import QUICK
 
     out = tmp_path / "out"
@@ -40,7 +40,7 @@ def test_the_gpu_check_runs_every_step_on_the_cpu_within_its_budgets(tmp_path, s
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=sum(QUICK.budgets.values()) + 120,  # beyond the sum asserted below, which is what fails
+        timeout=sum(QUICK.budgets.values()) + 120,  # beyond the 240 s asserted below, which is what fails
         env=env,
     )
     seconds = time.perf_counter() - start
@@ -57,7 +57,9 @@ def test_the_gpu_check_runs_every_step_on_the_cpu_within_its_budgets(tmp_path, s
     assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{s}.log" for s in STEPS), "gpu_check.md"])
     assert "7 skipped" in (out / "cuda.log").read_text()  # only tests/test_cuda_real.py was collected
     summary_line(f"bench/gpu_check.sh --device cpu --quick: {seconds:.0f} s; {last}")
-    assert seconds < sum(QUICK.budgets.values()) + 30  # the steps' caps, and the script's own start
+    # The issue's bound for the CPU proof (~200 s here); the steps' caps (QUICK.budgets, 480 s in
+    # all) only keep one slow step from taking the others' time, so they may sum to more.
+    assert seconds <= 240
 
 
 def test_a_missing_package_is_named_in_one_line_before_any_step(monkeypatch, capsys, tmp_path):
