@@ -1,15 +1,19 @@
-"""`python -m hpo.studies list|best|delete`: what a storage holds, without opening the dashboard.
+"""`python -m hpo.studies list|best|trials|delete`: what a storage holds, without the dashboard.
 
 `list` shows every study of a storage with its trials per state and best value, `best` one study's
-best trial and the command that exports it, `delete` removes a study after asking (its artifacts
-and checkpoints on disk stay). The storage resolves as for the other commands: --storage, else
-$HPO_STORAGE, else the storage of the spec --study names; a SQLite file that is not there is an
-error, never a new empty database.
+best trial and the command that exports it, `trials` one compact row per trial (a table, CSV or
+JSON, like Optuna's trials_dataframe without the stored config), `delete` removes a study after
+asking (its artifacts and checkpoints on disk stay). The storage resolves as for the other
+commands: --storage, else $HPO_STORAGE, else the storage of the spec --study names; a SQLite file
+that is not there is an error, never a new empty database.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import os
 import shlex
 import sys
@@ -30,6 +34,10 @@ EPILOG = """Optuna's own command line works on the same storage:
   optuna studies --storage URL
   optuna best-trial --study-name NAME --storage URL"""
 TIME = "%Y-%m-%d %H:%M"
+FORMATS = ("table", "csv", "json")
+SORTS = ("number", "value", "duration")
+COLUMNS = ("number", "state", "value", "best_epoch", "epochs", "duration_s", "pruned_at")
+TABLE_WIDTH = 120
 LIVE_S = Heartbeat().grace  # a trial whose heartbeat is younger than this has a worker on it
 
 
@@ -44,6 +52,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, summary in (
         ("list", "every study of the storage: trials per state, best value, first and last trial"),
         ("best", "the best trial of --study: values, parameters, best epoch, the command to export it"),
+        ("trials", "one row per trial of --study: state, value, epochs, duration, where pruned, parameters"),
         ("delete", "delete --study and all its trials from the storage, after asking"),
     ):
         command = commands.add_parser(
@@ -57,6 +66,17 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
             required=name != "list",
             help="the study's name, or a spec (name in studies/ or a path) whose storage and study to use",
         )
+        if name == "trials":
+            command.add_argument(
+                "--format", choices=FORMATS, default="table", help="table (120 columns), csv or json"
+            )
+            command.add_argument("--top", type=int, metavar="N", help="only the first N rows after sorting")
+            command.add_argument(
+                "--sort",
+                choices=SORTS,
+                default="number",
+                help="number (ascending), value (best first; no value last), duration (longest first)",
+            )
         if name == "delete":
             command.add_argument("--yes", action="store_true", help="delete without asking")
             command.add_argument(
@@ -146,6 +166,69 @@ def export_command(study: str, number: int, storage: str | None) -> str:
     return f"{command}\n  (there --study takes the study's spec: its name in studies/ or its path)"
 
 
+def trial_rows(study: optuna.Study, sort: str = "number", top: int | None = None) -> list[dict]:
+    """One flat dict per trial: COLUMNS, then `params`. The value is the first objective's; epochs
+    are the intermediate values reported (one per epoch); pruned_at the last of them when pruned."""
+    trials = study.get_trials(deepcopy=False)
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+    if sort == "value":
+        trials = sorted(trials, key=lambda t: (t.values is None, -sign * t.values[0] if t.values else 0))
+    elif sort == "duration":
+        trials = sorted(trials, key=lambda t: -(t.duration.total_seconds() if t.duration else -1))
+    rows = []
+    for t in trials[:top] if top is not None else trials:
+        steps = sorted(t.intermediate_values)
+        pruned = t.state == optuna.trial.TrialState.PRUNED and steps
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                "value": t.values[0] if t.values else None,
+                "best_epoch": t.user_attrs.get(Attr.BEST_EPOCH),
+                "epochs": len(steps),
+                "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None,
+                "pruned_at": steps[-1] if pruned else None,
+                "params": dict(t.params),
+            }
+        )
+    return rows
+
+
+def render_trials(rows: list[dict], form: str) -> str:
+    if form == "json":
+        return json.dumps(rows, indent=1)
+    if form == "csv":
+        names = sorted({key for r in rows for key in r["params"]})
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow([*COLUMNS, *names])
+        for r in rows:
+            writer.writerow(
+                [*("" if r[c] is None else r[c] for c in COLUMNS), *(r["params"].get(n, "") for n in names)]
+            )
+        return out.getvalue().rstrip("\n")
+    head = f"{'trial':>5s} {'state':<8s} {'value':>7s} {'best':>4s} "
+    lines = [head + f"{'epochs':>6s} {'time':>7s} {'pruned':>6s}  params"]
+    for r in rows:
+        value = "-" if r["value"] is None else f"{r['value']:.4f}"
+        duration = "-" if r["duration_s"] is None else f"{r['duration_s']:.0f}s"
+        params = " ".join(f"{k}={_short(v)}" for k, v in r["params"].items())
+        line = (
+            f"{r['number']:5d} {r['state']:<8s} {value:>7s} {_dash(r['best_epoch']):>4s} {r['epochs']:6d} "
+            f"{duration:>7s} {_dash(r['pruned_at']):>6s}  {params}"
+        )
+        lines.append(line if len(line) <= TABLE_WIDTH else line[: TABLE_WIDTH - 3] + "...")
+    return "\n".join(lines)
+
+
+def _short(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value).replace(" ", "")
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
 def is_spec_file(study: str) -> bool:
     return Path(study).suffix in (".yaml", ".yml")
 
@@ -192,6 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     study = optuna.load_study(study_name=name, storage=storage)
     if args.command == "delete":
         return delete(study, storage, url, args.yes, args.force)
+    if args.command == "trials":
+        if args.top is not None and args.top < 1:
+            raise UserError(f"--top must be at least 1, got {args.top}")
+        print(render_trials(trial_rows(study, args.sort, args.top), args.format))
+        return 0
     trial = best_trial(study)
     if trial is None:
         raise UserError(f"study {quoted(name)} has no complete trial yet")

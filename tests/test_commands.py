@@ -1,6 +1,9 @@
 """`mask-hpo`, the installed command: each subcommand is its module's own program, the light ones
 load no PyTorch, and `mask-hpo studies` lists, shows and deletes studies on SQLite and PostgreSQL."""
 
+import csv
+import io
+import json
 import os
 import pty
 import re
@@ -184,6 +187,79 @@ def test_studies_list_and_best_on_sqlite(sqlite_copy):
     assert code == 0 and out.splitlines()[-1] == f"  mask-hpo export --study {spec} --trial {best.number}", (
         err
     )
+
+
+def made_study(tmp_path):
+    """A SQLite study with one trial in each state, made without training: what `studies trials`
+    reads from a study of hpo.run (per-epoch intermediate values, best_epoch, parameters)."""
+    import datetime
+
+    url = f"sqlite:///{tmp_path / 'made.db'}"
+    study = optuna.create_study(study_name="made", storage=url, direction="maximize")
+    dist = {
+        "optim.lr": optuna.distributions.FloatDistribution(1e-5, 1.0, log=True),
+        "model.name": optuna.distributions.CategoricalDistribution(["resnet34", "convnext_tiny_" + "x" * 90]),
+    }
+    start = datetime.datetime(2026, 12, 1, 12, 0, 0)
+
+    def trial(state, curve, name, seconds, value=None):
+        made = optuna.trial.create_trial(
+            state=state,
+            value=value,
+            params={"optim.lr": 0.000123456, "model.name": name},
+            distributions=dist,
+            intermediate_values=dict(enumerate(curve, start=1)),
+            user_attrs={Attr.BEST_EPOCH: len(curve), Attr.CONFIG: {"long": "x" * 2000}} if value else {},
+        )
+        made.datetime_start, made.datetime_complete = start, start + datetime.timedelta(seconds=seconds)
+        study.add_trial(made)
+
+    complete, pruned, failed = (optuna.trial.TrialState[s] for s in ("COMPLETE", "PRUNED", "FAIL"))
+    trial(complete, [0.2, 0.4], "resnet34", 30, value=0.4)
+    trial(pruned, [0.1], "resnet34", 300)
+    trial(complete, [0.3, 0.6, 0.5], "convnext_tiny_" + "x" * 90, 60, value=0.6)
+    trial(failed, [], "resnet34", 5)
+    return url
+
+
+def studies_trials(capsys, *args):
+    from hpo.studies import main
+    from maskcls.cli import run_main
+
+    with pytest.raises(SystemExit) as end:
+        run_main(main, ["trials", "--study", "made", *args])
+    captured = capsys.readouterr()
+    return end.value.code, captured.out, captured.err
+
+
+def test_studies_trials_gives_one_compact_row_per_trial_as_a_table_csv_or_json(tmp_path, capsys):
+    url = made_study(tmp_path)
+    code, out, err = studies_trials(capsys, "--storage", url)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split() == ["trial", "state", "value", "best", "epochs", "time", "pruned", "params"]
+    assert [line.split()[:7] for line in lines[1:]] == [
+        ["0", "complete", "0.4000", "2", "2", "30s", "-"],
+        ["1", "pruned", "-", "-", "1", "300s", "1"],
+        ["2", "complete", "0.6000", "3", "3", "60s", "-"],
+        ["3", "fail", "-", "-", "0", "5s", "-"],
+    ]
+    assert all(len(line) <= 120 for line in lines) and lines[3].endswith("...")  # the long name, cut
+    assert "optim.lr=0.000123 model.name=resnet34" in lines[1] and "long" not in out  # no stored config
+
+    code, out, _ = studies_trials(
+        capsys, "--storage", url, "--format", "csv", "--sort", "value", "--top", "2"
+    )
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and [r["number"] for r in rows] == ["2", "0"]  # best first
+    assert rows[0]["model.name"].startswith("convnext") and float(rows[0]["optim.lr"]) == 0.000123456
+
+    code, out, _ = studies_trials(capsys, "--storage", url, "--format", "json", "--sort", "duration")
+    assert code == 0 and [r["number"] for r in json.loads(out)] == [1, 2, 0, 3]  # longest first
+    assert json.loads(out)[0]["pruned_at"] == 1 and json.loads(out)[0]["value"] is None
+
+    code, out, err = studies_trials(capsys, "--storage", url, "--top", "0")
+    assert code == 2 and out == "" and err == "error: --top must be at least 1, got 0\n"
 
 
 @pytest.mark.slow
