@@ -239,9 +239,31 @@ def reporter(trial: optuna.Trial, trackers: tracking.Trackers, multi: bool) -> O
             return
         trial.report(score, epoch)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch}: val macro-F1 {score:.4f}")
+            raise pruned(trial, epoch, score)
 
     return on_epoch
+
+
+def pruned(trial: optuna.Trial, epoch: int, score: float) -> optuna.TrialPruned:
+    """Why the pruner stopped the trial, recorded on it (Attr.PRUNED_WHY) for the run's line, the
+    dashboard and `studies trials`: its value against the trials that reached the same epoch
+    (pruners differ in their rule, but every one compares there)."""
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    others = [
+        t.intermediate_values[epoch]
+        for t in trial.study.get_trials(deepcopy=False, states=finished)
+        if epoch in t.intermediate_values
+    ]
+    why = f"val macro-F1 {score:.4f}"
+    if others:
+        rank = 1 + sum(v > score for v in others)
+        why += (
+            f", rank {rank} of {len(others) + 1} trials at epoch {epoch} "
+            f"(median {float(np.median(others)):.4f}, best {max(others):.4f})"
+        )
+    why += f"; {type(trial.study.pruner).__name__}"
+    trial.set_user_attr(Attr.PRUNED_WHY, why)
+    return optuna.TrialPruned(f"pruned after epoch {epoch}: {why}")
 
 
 def continue_from(
@@ -321,9 +343,7 @@ def resume(trial: optuna.Trial, course: dict, report: bool = True) -> None:
             trial.report(metrics["val_macro_f1"], metrics["epoch"])
     if course["history"] and trial.should_prune():
         last = course["history"][-1]
-        raise optuna.TrialPruned(
-            f"pruned after epoch {last['epoch']}: val macro-F1 {last['val_macro_f1']:.4f}"
-        )
+        raise pruned(trial, last["epoch"], last["val_macro_f1"])
 
 
 def _discard(checkpoint: CheckpointFile | None) -> None:

@@ -144,7 +144,10 @@ def ended(trial: optuna.trial.FrozenTrial, epochs: int) -> str:
         return f"trial {trial.number} failed: {trial.user_attrs.get(Attr.FAIL_REASON, 'see the worker log')}"
     last = max(trial.intermediate_values, default=None)
     if trial.state == PRUNED:
-        at = f" at epoch {last}/{epochs}: val macro-F1 {trial.intermediate_values[last]:.4f}" if last else ""
+        why = trial.user_attrs.get(Attr.PRUNED_WHY)
+        if why is None and last:
+            why = f"val macro-F1 {trial.intermediate_values[last]:.4f}"
+        at = f" at epoch {last}/{epochs}: {why}" if last else ""
         return f"trial {trial.number} pruned{at}"
     best_epoch = trial.user_attrs.get(Attr.BEST_EPOCH, "-")
     others = "".join(f", {v:.4g}" for v in trial.values[1:])

@@ -45,6 +45,7 @@ class Attr:
     MEMORY_NEED_MB = "memory_need_mb"  # the estimate held on the GPU before the trial started
     MEMORY_WAIT_S = "memory_wait_s"  # how long it waited for the trials beside it
     STOP_REASON = "stop_reason"
+    PRUNED_WHY = "pruned_why"  # its value against the trials at the same epoch, and the pruner
     FACE_FALLBACKS = "face_crop_fallbacks"  # data.crop face: photos without a box, centre-cropped
     EXPORT = "export"  # on the study: the last hpo.export-best
 

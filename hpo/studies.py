@@ -36,7 +36,7 @@ EPILOG = """Optuna's own command line works on the same storage:
 TIME = "%Y-%m-%d %H:%M"
 FORMATS = ("table", "csv", "json")
 SORTS = ("number", "value", "duration")
-COLUMNS = ("number", "state", "value", "best_epoch", "epochs", "duration_s", "pruned_at")
+COLUMNS = ("number", "state", "value", "best_epoch", "epochs", "duration_s", "pruned_at", "pruned_why")
 TABLE_WIDTH = 120
 LIVE_S = Heartbeat().grace  # a trial whose heartbeat is younger than this has a worker on it
 
@@ -168,7 +168,8 @@ def export_command(study: str, number: int, storage: str | None) -> str:
 
 def trial_rows(study: optuna.Study, sort: str = "number", top: int | None = None) -> list[dict]:
     """One flat dict per trial: COLUMNS, then `params`. The value is the first objective's; epochs
-    are the intermediate values reported (one per epoch); pruned_at the last of them when pruned."""
+    are the intermediate values reported (one per epoch); pruned_at the last of them when pruned,
+    pruned_why what hpo.objective recorded then (the table leaves it out: too wide)."""
     trials = study.get_trials(deepcopy=False)
     sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
     if sort == "value":
@@ -188,6 +189,7 @@ def trial_rows(study: optuna.Study, sort: str = "number", top: int | None = None
                 "epochs": len(steps),
                 "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None,
                 "pruned_at": steps[-1] if pruned else None,
+                "pruned_why": t.user_attrs.get(Attr.PRUNED_WHY),
                 "params": dict(t.params),
             }
         )

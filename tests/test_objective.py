@@ -70,3 +70,31 @@ def test_out_of_memory_fails_the_trial_and_the_next_one_runs(spec, monkeypatch):
     assert oom.state == optuna.trial.TrialState.FAIL
     assert oom.user_attrs["fail_reason"].startswith("out of memory on cpu (batch_size=16")
     assert fine.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_a_pruned_trial_records_why_and_its_line_says_it():
+    """Its value against the trials that reached the same epoch, and the pruner: on the trial
+    (the dashboard, `studies trials`) and in hpo.run's line."""
+    from hpo.objective import reporter
+    from hpo.progress import ended
+    from hpo.protocol import Attr
+    from hpo.tracking import Trackers
+    from maskcls.train import EpochMetrics
+
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    )
+    for value in (0.5, 0.6, 0.7):
+        trial = study.ask()
+        trial.report(value, 1)
+        study.tell(trial, value)
+    trial = study.ask()
+    metrics = EpochMetrics(epoch=1, train_loss=1.0, lr=0.1, images_per_s=1.0, seconds=1.0, val_macro_f1=0.3)
+    with pytest.raises(optuna.TrialPruned) as stop:
+        reporter(trial, Trackers(), multi=False)(1, metrics)
+    why = "val macro-F1 0.3000, rank 4 of 4 trials at epoch 1 (median 0.6000, best 0.7000); MedianPruner"
+    assert str(stop.value) == f"pruned after epoch 1: {why}"
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    frozen = study.trials[-1]
+    assert frozen.user_attrs[Attr.PRUNED_WHY] == why
+    assert ended(frozen, epochs=5) == f"trial 3 pruned at epoch 1/5: {why}"
