@@ -32,6 +32,7 @@ import numpy as np
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
+from hpo import note
 from hpo import spec as specs
 from hpo.protocol import Attr, artifacts_dir, export_dir, quiet_experimental, ranked
 from hpo.storage import FINISHED, masked, open_storage, resolve_url
@@ -372,6 +373,20 @@ def record(
             "val_macro_f1": done.val_macro_f1,
             "eval_macro_f1": figures.eval_macro_f1,
         },
+    )
+    members = ", ".join(str(t.number) for t in trials)
+    val, scored = ("-" if v is None else f"{v:.4f}" for v in (done.val_macro_f1, figures.eval_macro_f1))
+    values = f"retrain's val macro-F1 {val}, eval macro-F1 {scored}"
+    note.write(
+        study,
+        "export",
+        "\n".join(
+            [
+                "### Last export",
+                f"- trial(s) {members}, {done.mode}: {values}",
+                f"- in `{out.resolve()}` (report.md there), and as the study artifact `{artifact_id}`",
+            ]
+        ),
     )
 
 

@@ -1,6 +1,8 @@
 """What `hpo.run` shows: a line per trial event (started, an epoch now and then, complete, pruned,
-failed) everywhere, live bars above them on a terminal (not with --no-progress), no carriage
-return in a log file; and the summary of the study at the end."""
+failed) everywhere, each with the run's elapsed time; live bars above them on a terminal (not with
+--no-progress), elsewhere a status line now and then (counts, best, trials per hour, ETA); no
+carriage return in a log file; and the summary of the study at the end (wall time, pace, the
+epochs pruning saved)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from hpo.storage import counts, masked, resolve_url, tally
 from maskcls import specfiles
 from maskcls.labels import NUM_CLASSES
 from maskcls.progress import EVERY_S, on_terminal
+
+STATUS_EVERY_S = 60.0  # off a terminal: a status line at most this often (hpo.run --status-every)
 
 RUNNING, COMPLETE = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
 PRUNED, FAIL = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
@@ -42,8 +46,12 @@ class Progress:
         bars: bool,
         every_s: float = EVERY_S,
         stream: TextIO | None = None,
+        status_every_s: float = STATUS_EVERY_S,
     ):
         self.spec, self.target, self.every_s = spec, target, every_s
+        self.began = self.status_shown = time.monotonic()
+        self.status_every_s = status_every_s
+        self.finished_before = 0  # finished when this run began: the pace counts only its own
         self.stream = stream or sys.stderr
         self.bars = bars and on_terminal(self.stream)
         self.seen: dict[int, optuna.trial.TrialState] | None = None  # trial number -> state last shown
@@ -65,9 +73,16 @@ class Progress:
     def update(self, study: optuna.Study, slots: Sequence[SlotStatus]) -> None:
         trials = study.get_trials(deepcopy=False)
         self.events(trials, {s.worker: s.name for s in slots})
-        if not self.bars:
-            return
         now = tally(trials)
+        if not self.bars:
+            if time.monotonic() - self.status_shown >= self.status_every_s:
+                self.status_shown = time.monotonic()
+                finished = min(now["finished"], self.target)
+                self.note(
+                    f"study {self.spec.name}: {finished}/{self.target} finished, {self.state(trials, now)}; "
+                    f"{self.pace(now['finished'])}"
+                )
+            return
         self.overall.n = min(now["finished"], self.target)
         self.overall.set_postfix_str(self.state(trials, now), refresh=False)
         self.overall.refresh()
@@ -87,6 +102,7 @@ class Progress:
         run started are not shown again."""
         if self.seen is None:
             self.seen = {t.number: t.state for t in trials if t.state in (COMPLETE, PRUNED, FAIL)}
+            self.finished_before = sum(t.state in (COMPLETE, PRUNED) for t in trials)
         now = tally(trials)
         for t in trials:
             before = self.seen.get(t.number)
@@ -96,13 +112,14 @@ class Progress:
                 if before != RUNNING:
                     where = slot_of.get(t.user_attrs.get(Attr.WORKER, ""), "a worker")
                     params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
-                    self.note(f"trial {t.number} started on {where}: {params}")
+                    self.note(f"trial {t.number} started on {where}: {params} [{clock(self.elapsed())}]")
                     self.seen[t.number] = RUNNING
                 self.epoch_line(t)
             elif t.state in (COMPLETE, PRUNED, FAIL) and before != t.state:
                 self.seen[t.number] = t.state
                 progress = f"{min(now['finished'], self.target)}/{self.target} finished"
-                self.note(f"{ended(t, self.epochs(t))} [{progress}, {self.state(trials, now)}]")
+                pace = self.pace(now["finished"])
+                self.note(f"{ended(t, self.epochs(t))} [{progress}, {self.state(trials, now)}; {pace}]")
 
     def epoch_line(self, trial: optuna.trial.FrozenTrial) -> None:
         if not trial.intermediate_values:
@@ -112,12 +129,28 @@ class Progress:
         if epoch > shown_epoch and time.monotonic() - when >= self.every_s:
             self.epoch_shown[trial.number] = (epoch, time.monotonic())
             value = trial.intermediate_values[epoch]
-            self.note(f"trial {trial.number}: epoch {epoch}/{self.epochs(trial)}, val macro-F1 {value:.4f}")
+            self.note(
+                f"trial {trial.number}: epoch {epoch}/{self.epochs(trial)}, val macro-F1 {value:.4f} "
+                f"[{clock(self.elapsed())}]"
+            )
 
     def epochs(self, trial: optuna.trial.FrozenTrial) -> int:
-        """The trial's own epoch count (it may be searched), else the spec's."""
-        config = trial.user_attrs.get(Attr.CONFIG) or {}
-        return int(config.get("train", {}).get("epochs", self.spec.base.train.epochs))
+        return epochs_of(trial, self.spec)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.began
+
+    def pace(self, finished: int) -> str:
+        """Elapsed time, and once this run has finished a trial its trials per hour and the time
+        left to the target at that pace."""
+        elapsed = self.elapsed()
+        done = finished - self.finished_before
+        text = f"{clock(elapsed)} elapsed"
+        if done <= 0:
+            return text
+        rate = done * 3600 / elapsed
+        left = self.target - finished
+        return f"{text}, {rate:.3g} trials/h" + (f", ETA {clock(left * 3600 / rate)}" if left > 0 else "")
 
     def describe(self, slot: SlotStatus, trial: optuna.trial.FrozenTrial | None) -> str:
         if slot.done:
@@ -138,6 +171,18 @@ class Progress:
             bar.close()
 
 
+def epochs_of(trial: optuna.trial.FrozenTrial, spec: StudySpec) -> int:
+    """The trial's own epoch count (it may be searched), else the spec's."""
+    config = trial.user_attrs.get(Attr.CONFIG) or {}
+    return int(config.get("train", {}).get("epochs", spec.base.train.epochs))
+
+
+def clock(seconds: float) -> str:
+    """H:MM:SS."""
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
 def ended(trial: optuna.trial.FrozenTrial, epochs: int) -> str:
     """How a trial ended, in one line: its value and epoch, or why it stopped."""
     if trial.state == FAIL:
@@ -155,14 +200,35 @@ def ended(trial: optuna.trial.FrozenTrial, epochs: int) -> str:
     return f"trial {trial.number} complete: {value} (best epoch {best_epoch})"
 
 
-def summary(study: optuna.Study, target: int, spec: StudySpec, url: str, artifacts: Path) -> str:
-    """Counts, the five best trials beside the chance level, and what to run next on this very
-    storage: the export of the best trial and the dashboard."""
+def summary(
+    study: optuna.Study,
+    target: int,
+    spec: StudySpec,
+    url: str,
+    artifacts: Path,
+    run: Progress | None = None,
+) -> str:
+    """Counts, this run's wall time and pace (with `run`), the epochs pruning saved, the five best
+    trials beside the chance level, and what to run next on this very storage: the export of the
+    best trial and the dashboard."""
     now = counts(study)
     lines = [
         f"study {spec.name}: {now['finished']}/{target} finished ({now['complete']} complete, "
         f"{now['pruned']} pruned), {now['fail']} failed, {now['running']} running"
     ]
+    if run is not None:
+        done = now["finished"] - run.finished_before
+        pace = f" ({done * 3600 / run.elapsed():.3g} trials/h)" if done > 0 else ""
+        lines.append(f"wall time {clock(run.elapsed())} for the {done} trial(s) this run finished{pace}")
+    if not spec.multi:  # a study of several objectives reports no epochs to prune at
+        finished = study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED))
+        full = sum(epochs_of(t, spec) for t in finished)
+        ran = sum(len(t.intermediate_values) for t in finished)
+        if full:
+            lines.append(
+                f"epochs: {ran} run of the {full} that {len(finished)} finished trial(s) would have "
+                f"taken to the end: pruning and early stopping saved {full - ran} ({(full - ran) / full:.0%})"
+            )
     best = ranked(study)[:5]
     others = "".join(f" {name:>14s}" for name in spec.objectives[1:])
     if best:

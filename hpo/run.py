@@ -26,9 +26,10 @@ import optuna
 from filelock import FileLock
 from tqdm import tqdm
 
+from hpo import note, stopping
 from hpo import spec as specs
 from hpo.outage import ResilientStorage, StorageUnreachable
-from hpo.progress import Progress, SlotStatus, summary
+from hpo.progress import STATUS_EVERY_S, Progress, SlotStatus, summary
 from hpo.protocol import (
     INTERRUPTED,
     Attr,
@@ -152,9 +153,10 @@ def gpu_slots(gpus: str | None, per_gpu: int, workers: int | None, threads: int 
     ]
 
 
-def prepare_data(spec: specs.StudySpec) -> None:
+def prepare_data(spec: specs.StudySpec) -> str:
     """Generate the spec's stand-in on first use (once, even with several commands), then check it:
-    its layout, and that every photo decodes (a bad one stops the run before any trial)."""
+    its layout, and that every photo decodes (a bad one stops the run before any trial). Returns
+    what it found, in a line."""
     from maskcls.data import faces
     from maskcls.data.check import verify_decodable  # pandas and PIL load here, not for --help
     from maskcls.data.layout import read_layout
@@ -181,6 +183,8 @@ def prepare_data(spec: specs.StudySpec) -> None:
     crops = {spec.base.data.crop, *(c for p in spec.params if p.path == "data.crop" for c in p.choices)}
     if "face" in crops:  # a trial may crop to faces: its boxes table must fit this data
         faces.check(spec.base.override({"data.crop": "face"}).data)
+    people = found.train["person"].nunique()
+    return f"`{root}`: {len(found.train)} training photos of {people} people, {len(eval_paths)} eval photos"
 
 
 def check_weights(spec: specs.StudySpec) -> None:
@@ -207,9 +211,11 @@ class Dispatcher:
         slots: list[Slot],
         args: WorkerArgs,
         progress: Progress,
+        rule: stopping.Plateau | None = None,
     ):
         self.spec, self.study, self.url, self.slots, self.args = spec, study, url, slots, args
-        self.progress = progress
+        self.progress, self.rule = progress, rule
+        self.finished_seen = -1  # the rule is evaluated when this count moves
         self.cuda_errors: dict[str, list[tuple[float, int]]] = {}  # GPU -> (when, trial lineage)
         self.log_dir = spec.runs_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +249,10 @@ class Dispatcher:
         return failed
 
     def run(self) -> int:
+        reason = self.rule_met()
+        if reason is not None:  # a study that met the rule in an earlier run: no trial starts
+            self.progress.note(f"not starting: {reason}")
+            return Exit.OK
         for slot in self.slots:
             self.start(slot)
         try:
@@ -251,6 +261,10 @@ class Dispatcher:
                 if code is not None:
                     return code
                 self.progress.update(self.study, [s.status() for s in self.slots])
+                reason = self.rule_met()
+                if reason is not None:
+                    self.stop(f"stopping: {reason}; running trials are marked failed and queued again")
+                    return Exit.OK
                 time.sleep(1.0)
             self.progress.update(self.study, [s.status() for s in self.slots])
         except KeyError:  # Optuna's "Record does not exist": was the study deleted meanwhile?
@@ -264,6 +278,16 @@ class Dispatcher:
         finally:
             self.progress.close()
         return Exit.OK
+
+    def rule_met(self) -> str | None:
+        """The stopping rule's reason, evaluated only when the number of finished trials moved."""
+        if self.rule is None:
+            return None
+        finished = counts(self.study)["finished"]
+        if finished == self.finished_seen:
+            return None
+        self.finished_seen = finished
+        return self.rule.reason(self.study)
 
     def check_workers(self) -> int | None:
         for slot in self.slots:
@@ -396,6 +420,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--trials-per-gpu", type=int, default=1, help="trials sharing one GPU")
     parser.add_argument("--workers", type=int, help="CPU worker processes when not using GPUs (default 1)")
     parser.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    parser.add_argument(
+        "--stop",
+        metavar="plateau:N",
+        help="also stop once N trials have finished (complete or pruned) since the best one, on every "
+        "machine of the study (default: only --n-trials and --timeout)",
+    )
     add_threads_argument(
         parser,
         f"CPU threads of each worker (default: the {owned_cores()} cores this process owns, shared "
@@ -408,6 +438,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="no live bars on a terminal, only the plain lines a log file gets (one per trial event)",
     )
     parser.add_argument(
+        "--status-every",
+        type=float,
+        default=STATUS_EVERY_S,
+        metavar="SECONDS",
+        help="without bars: a status line (counts, best, trials per hour, ETA) at most this often",
+    )
+    parser.add_argument(
         "--tensorboard", metavar="DIR", help="write each trial's per-epoch scalars to DIR/<study>/trial-<n>"
     )
     parser.add_argument(
@@ -418,6 +455,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if any(n is not None and n < 1 for n in (args.workers, args.trials_per_gpu, args.threads)):
         raise UserError("--workers, --trials-per-gpu and --threads must be at least 1")
+    args.rule = stopping.parse(args.stop)
+    if not args.status_every > 0:  # NaN too
+        raise UserError(f"--status-every must be a positive number of seconds, got {args.status_every}")
     return args
 
 
@@ -477,11 +517,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     slots = gpu_slots(args.gpus, args.trials_per_gpu, args.workers, args.threads)
     url = resolve_url(args.storage, spec)
     parse_url(url)  # a URL that does not parse stops here, before the photos are checked
-    prepare_data(spec)  # a data or weights problem stops here, before the storage is even opened
+    data = prepare_data(spec)  # a data or weights problem stops here, before the storage is even opened
     check_weights(spec)
     storage = open_storage(url, spec.heartbeat, on_outage=outage_note)
     try:
-        return search(args, spec, target, slots, url, storage)
+        about = note.run_part(spec.path.read_text(), data, sys.argv[1:] if argv is None else argv)
+        return search(args, spec, target, slots, url, storage, about)
     except StorageUnreachable as err:
         print(
             f"error: storage {masked(url)} unreachable ({err}); every worker is stopped. Their running "
@@ -498,9 +539,11 @@ def search(
     slots: list[Slot],
     url: str,
     storage: ResilientStorage,
+    about: str,
 ) -> int:
     """Set the study up, then supervise the workers until it holds its target."""
     study = open_study(spec, storage)
+    note.write(study, "run", about)  # the dashboard's study note: spec, data, command line
     artifacts = artifacts_dir(args.artifacts, spec.runs_dir)
     artifacts.mkdir(parents=True, exist_ok=True)
     before = counts(study)
@@ -524,8 +567,10 @@ def search(
         tensorboard=args.tensorboard,
         mlflow=args.mlflow,
     )
-    progress = Progress(spec, target, [s.name for s in slots], bars=not args.no_progress)
-    dispatcher = Dispatcher(spec, study, url, slots, worker_args, progress)
+    progress = Progress(
+        spec, target, [s.name for s in slots], bars=not args.no_progress, status_every_s=args.status_every
+    )
+    dispatcher = Dispatcher(spec, study, url, slots, worker_args, progress, args.rule)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         code = dispatcher.run()
@@ -537,13 +582,13 @@ def search(
         dispatcher.stop(
             "interrupted: stopping the workers; running trials are marked failed and queued again"
         )
-        print(summary(study, target, spec, url, artifacts), file=sys.stderr)
+        print(summary(study, target, spec, url, artifacts, progress), file=sys.stderr)
         print("re-run the same command to continue the study", file=sys.stderr)
         return Exit.INTERRUPTED
     if code != Exit.OK and study_deleted(storage, spec.name):
         return code  # it said so; nothing is left to sum up
     sweep_checkpoints(study, checkpoints_dir(artifacts, spec.name))
-    print(summary(study, target, spec, url, artifacts))
+    print(summary(study, target, spec, url, artifacts, progress))
     return code
 
 

@@ -123,6 +123,12 @@ def test_export_runs_in_a_fresh_process_and_onnx_agrees(exported, small_root):
     assert config["preprocessing"]["image_size"] == [32, 24] and len(config["preprocessing"]["mean"]) == 3
     expected, got = onnx_vs_torch(out, small_root)
     assert (expected.argmax(1) == got.argmax(1)).all()
+    # The dashboard's study note: the search's part (hpo.run) and the export's, one after the other.
+    from optuna_dashboard import get_note
+
+    note = get_note(optuna.load_study(study_name="t", storage=open_storage(storage, existing=True)))
+    assert note.index("### Search") < note.index("```yaml") < note.index("### Last export"), note
+    assert f"- in `{out.resolve()}` (report.md there)" in note and "training photos of 24 people" in note
     assert np.abs(expected - got).max() < 1e-4
 
     predicted = tmp / "fresh" / "submission.csv"

@@ -32,7 +32,7 @@ def trials_of(storage):
 def test_one_worker_repeats_a_seeded_study_and_its_log_has_a_line_per_trial(small_root, tmp_path):
     spec = write_spec(tmp_path, small_root, n_trials=3)  # the 2 queued recipes, then 1 seeded draw
     first, second = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
-    code, log = run_logged(spec, first, tmp_path / "a.log", tmp_path, "--workers", "1")
+    code, log = run_logged(spec, first, tmp_path / "a.log", tmp_path, "--workers", "1", "--status-every", "1")
     assert code == 0, log
     code, other = run_logged(spec, second, tmp_path / "b.log", tmp_path, "--workers", "1")
     assert code == 0, other
@@ -46,6 +46,24 @@ def test_one_worker_repeats_a_seeded_study_and_its_log_has_a_line_per_trial(smal
     assert "\r" not in log and "ExperimentalWarning" not in log and "Warning:" not in log
     assert not re.search(r"^\[I ", log, re.M), log  # Optuna's INFO lines stay in the worker logs
     assert re.search(r"^trial \d+ started on cpu0: optim.lr=", log, re.M)
+    # Time and pace: every event line carries the run's elapsed time; an ended trial's line the
+    # pace and, until the last, the time left; a status line now and then; the summary the wall time.
+    clock = r"\d+:\d\d:\d\d"
+    starts = re.findall(r"^trial \d+ started on .*$", log, re.M)
+    assert len(starts) == 3 and all(re.search(rf"optim.lr=\S+.* \[{clock}\]$", line) for line in starts), (
+        starts
+    )
+    ends = re.findall(r"^trial \d+ (?:complete|pruned) .*$", log, re.M)
+    assert all(re.search(rf"; {clock} elapsed, [\d.]+ trials/h", line) for line in ends), ends
+    assert [bool(re.search(rf", ETA {clock}\]$", line)) for line in ends] == [True, True, False], ends
+    assert re.search(rf"^study \S+: \d/3 finished, best .*; {clock} elapsed", log, re.M), log
+    assert re.search(
+        rf"^wall time {clock} for the 3 trial\(s\) this run finished \([\d.]+ trials/h\)$", log, re.M
+    )
+    saved = re.search(
+        r"^epochs: (\d+) run of the (\d+) that 3 finished trial\(s\) would have taken", log, re.M
+    )
+    assert saved and int(saved[1]) < int(saved[2]), log  # one trial was pruned
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,104 @@
+"""hpo.run's lines off a terminal, on a clock the test sets: every event line carries the elapsed
+time, an ended trial's line the pace and the time left, a status line comes at most every
+--status-every seconds, and the summary gives this run's wall time and pace."""
+
+import io
+
+import optuna
+import pytest
+
+from hpo import progress as shown
+from hpo import spec as specs
+from hpo.protocol import Attr
+
+
+class Clock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = Clock(1000.0)
+    monkeypatch.setattr(shown.time, "monotonic", clock)
+    return clock
+
+
+def test_lines_carry_the_elapsed_time_the_pace_and_the_eta(clock, tmp_path):
+    spec = specs.load("demo")
+    study = optuna.create_study(direction="maximize")
+    out = io.StringIO()
+    lines = shown.Progress(spec, target=3, slots=["cpu0"], bars=False, stream=out, status_every_s=60)
+    slots = [shown.SlotStatus("cpu0", "w1", done=False)]
+
+    trial = study.ask()
+    clock.now = 1010.0
+    lines.update(study, slots)
+    assert out.getvalue() == ""  # its worker has not drawn its parameters yet
+    trial.suggest_float("optim.lr", 1e-4, 1e-1, log=True)
+    trial.set_user_attr(Attr.CONFIG, {"train": {"epochs": 4}})
+    trial.set_user_attr(Attr.WORKER, "w1")
+    lines.update(study, slots)
+    (start,) = out.getvalue().splitlines()
+    assert start.startswith("trial 0 started on cpu0: optim.lr=") and start.endswith(" [0:00:10]")
+
+    trial.report(0.5, 1)
+    study.tell(trial, 0.5)
+    clock.now = 2800.0  # 30 min after the run began: 1 trial, 2 trials/h, 2 left
+    lines.update(study, slots)
+    ended, status = out.getvalue().splitlines()[1:]
+    assert ended == (
+        "trial 0 complete: val macro-F1 0.5000 (best epoch -) [1/3 finished, best 0.5000 (trial 0), "
+        "0 pruned, 0 failed, 0 running; 0:30:00 elapsed, 2 trials/h, ETA 1:00:00]"
+    )
+    assert status == (
+        "study demo: 1/3 finished, best 0.5000 (trial 0), 0 pruned, 0 failed, 0 running; "
+        "0:30:00 elapsed, 2 trials/h, ETA 1:00:00"
+    )
+    clock.now = 2830.0
+    lines.update(study, slots)
+    assert len(out.getvalue().splitlines()) == 3  # no status line again within 60 s
+
+    text = shown.summary(study, 3, spec, "sqlite://", tmp_path, run=lines)
+    assert "wall time 0:30:30 for the 1 trial(s) this run finished (1.97 trials/h)" in text.splitlines()
+    # 1 epoch run of the 4 the trial's config names
+    assert "epochs: 1 run of the 4 that 1 finished trial(s) would have taken to the end" in text
+
+
+def test_the_pace_counts_only_this_runs_trials(clock):
+    """A run that continues a study does not claim the trials an earlier run finished."""
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=5)
+    lines = shown.Progress(specs.load("demo"), 10, ["cpu0"], bars=False, stream=io.StringIO())
+    lines.update(study, [])
+    clock.now = 4600.0
+    assert lines.pace(5) == "1:00:00 elapsed"
+    assert lines.pace(7) == "1:00:00 elapsed, 2 trials/h, ETA 1:30:00"
+    assert shown.clock(3 * 3600 + 62.9) == "3:01:02"
+
+
+def test_the_study_note_replaces_only_its_own_parts():
+    """What hpo.run and export-best write to the dashboard's note sits between markers; a user's
+    text around them stays, and a run's command line shows no password."""
+    from optuna_dashboard import get_note, save_note
+
+    from hpo import note
+
+    study = optuna.create_study()
+    note.write(study, "run", "### Search\nfirst")
+    assert get_note(study).count("### Search") == 1
+    mine = get_note(study) + "\nmy own remark\n"
+    save_note(study, "a title of mine\n\n" + mine)
+    note.write(study, "run", "### Search\nsecond")
+    note.write(study, "export", "### Last export\nthird")
+    text = get_note(study)
+    assert text.startswith("a title of mine\n\n") and "my own remark" in text
+    assert "first" not in text and text.index("second") < text.index("my own remark") < text.index("third")
+
+    part = note.run_part(
+        "study: t\n", "`/data`: 3 photos", ["--study", "t", "--storage", "postgresql://u:s3cret@h/db"]
+    )
+    assert "s3cret" not in part and "--study t" in part and "```yaml\nstudy: t\n```" in part
