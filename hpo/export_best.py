@@ -502,9 +502,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             tmp, cfgs[0].data.root, device, export_info(study, trials, cfgs[0], done, tmp, picked)
         )
     record(study, trials, done, out, figures, artifacts_dir(args.artifacts, spec.runs_dir))
-    print((out / "report.md").read_text())
-    print(f"wrote {out}")
+    print(outcome(done, figures, out))
     return 0
+
+
+def outcome(done: Retrain, figures: ExportFigures, out: Path) -> str:
+    """What the export measured, in a few lines; the whole story is in report.md."""
+    check = figures.onnx
+    scored = "" if figures.eval_macro_f1 is None else f", eval macro-F1 {figures.eval_macro_f1:.4f}"
+    retrained = "" if done.val_macro_f1 is None else f"retrain's val macro-F1 {done.val_macro_f1:.4f}"
+    return "\n".join(
+        [
+            f"exported ({done.mode}): {retrained or 'trained on every training person'}{scored}",
+            f"ONNX agrees with PyTorch: argmax {check.argmax_agree}/{check.images}, "
+            f"max |difference| {check.max_abs_diff:.1e}",
+            f"report: {out / 'report.md'}",
+            f"wrote {out}",
+        ]
+    )
 
 
 if __name__ == "__main__":
