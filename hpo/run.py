@@ -409,8 +409,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--study", required=True, help="name in studies/ (e.g. mask, demo) or a spec path")
-    parser.add_argument(
-        "--n-trials", type=int, help="finished trials the study should hold (default: the spec's)"
+    total = parser.add_mutually_exclusive_group()
+    total.add_argument(
+        "--n-trials",
+        type=int,
+        help="finished (complete + pruned) trials the study should hold in all, counting those of "
+        "earlier runs and other machines (default: the spec's)",
+    )
+    total.add_argument(
+        "--add", type=int, metavar="N", help="run N trials more than the study holds finished now"
     )
     parser.add_argument(
         "--storage", help="storage URL (default: $HPO_STORAGE, the spec's, or runs/<study>/study.db)"
@@ -514,6 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = spec.n_trials if args.n_trials is None else args.n_trials
     if target < 1:
         raise UserError(f"--n-trials must be at least 1, got {target}")
+    if args.add is not None and args.add < 1:
+        raise UserError(f"--add must be at least 1, got {args.add}")
     slots = gpu_slots(args.gpus, args.trials_per_gpu, args.workers, args.threads)
     url = resolve_url(args.storage, spec)
     parse_url(url)  # a URL that does not parse stops here, before the photos are checked
@@ -547,6 +556,8 @@ def search(
     artifacts = artifacts_dir(args.artifacts, spec.runs_dir)
     artifacts.mkdir(parents=True, exist_ok=True)
     before = counts(study)
+    if args.add is not None:
+        target = before["finished"] + args.add
     print(
         f"study {spec.name} on {masked(url)}: {before['finished']}/{target} finished; "
         f"{len(slots)} worker(s): {', '.join(s.name for s in slots)}",

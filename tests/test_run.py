@@ -272,6 +272,10 @@ def test_bad_input_is_one_clear_error_and_exit_2(small_root, tmp_path, capsys):
         capsys, "--study", str(good), "--n-trials", "0", "--storage", f"sqlite:///{tmp_path / 's.db'}"
     )
     assert code == 2 and "--n-trials must be at least 1, got 0" in err
+    code, err = run_in_process(capsys, "--study", str(good), "--add", "0")
+    assert code == 2 and "--add must be at least 1, got 0" in err
+    code, err = run_in_process(capsys, "--study", str(good), "--add", "2", "--n-trials", "3")
+    assert code == 2 and "not allowed with argument" in err  # a total or a number more, not both
     nowhere = f"sqlite:///{tmp_path / 'nowhere.db'}"
     code, err = run_in_process(
         capsys, "--study", str(good), "--data", str(tmp_path / "no-data"), "--storage", nowhere

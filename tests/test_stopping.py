@@ -65,7 +65,7 @@ def test_hpo_run_refuses_a_bad_rule_in_one_line(capsys, tmp_path, small_root):
 
 
 @pytest.mark.slow
-def test_a_plateau_stops_the_run_and_a_second_run_starts_no_trial(small_root, tmp_path):
+def test_a_plateau_stops_the_run_a_second_run_starts_no_trial_and_add_runs_one_more(small_root, tmp_path):
     """The spec's queued recipes: trial 0 completes in 1 epoch, trial 1 is pruned at epoch 2. With
     plateau:1 the run stops once trial 1 has finished, though --n-trials asks for 8."""
     spec = write_spec(tmp_path, small_root, n_trials=8)
@@ -85,3 +85,7 @@ def test_a_plateau_stops_the_run_and_a_second_run_starts_no_trial(small_root, tm
     assert code == 0 and "not starting: plateau: the best value" in err, err
     again = optuna.load_study(study_name="t", storage=storage_at(storage))
     assert len([t for t in again.trials if t.state in (COMPLETE, PRUNED)]) == 2
+
+    # Without --stop the rule is off; --add 1 runs one trial more than the study holds.
+    code, out, err = finish(hpo_run(spec, storage, *args[:2], *args[4:], "--add", "1", cwd=tmp_path))
+    assert code == 0 and "study t: 3/3 finished" in out, err
