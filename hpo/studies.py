@@ -58,9 +58,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         command = commands.add_parser(
             name, help=summary, description=summary, epilog=EPILOG, formatter_class=HelpFormatter
         )
-        command.add_argument(
-            "--storage", help="storage URL (default: $HPO_STORAGE, else the storage of the --study spec)"
-        )
+        default = "$HPO_STORAGE, else the storage of the --study spec"
+        if name == "list":
+            default += ", else every runs/<study>/study.db here"
+        command.add_argument("--storage", help=f"storage URL (default: {default})")
         command.add_argument(
             "--study",
             required=name != "list",
@@ -103,6 +104,11 @@ def locate(storage: str | None, study: str | None) -> tuple[str, str | None]:
     except UserError as err:
         raise UserError(f"{err}; for a study without a spec pass --storage URL") from None
     return resolve_url(storage, spec), spec.name
+
+
+def local_storages() -> list[str]:
+    """hpo.run's default storages under this folder: runs/<study>/study.db."""
+    return [f"sqlite:///{path}" for path in sorted(Path("runs").glob("*/study.db"))]
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -264,6 +270,15 @@ def delete(study: optuna.Study, storage: ResilientStorage, url: str, yes: bool, 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.command == "list" and args.study is None and not (args.storage or os.environ.get(STORAGE_ENV)):
+        found = local_storages()
+        if not found:
+            raise UserError(
+                f"pass --storage URL (or set ${STORAGE_ENV}, or name a spec with --study): no "
+                "runs/<study>/study.db here, where hpo.run keeps a study by default"
+            )
+        print("\n\n".join(listing(open_storage(url, existing=True), url) for url in found))
+        return 0
     url, name = locate(args.storage, args.study)
     storage = open_storage(url, existing=True)
     if args.command == "list":

@@ -306,13 +306,32 @@ def test_a_missing_sqlite_file_is_one_line_and_creates_nothing(tmp_path):
     assert not missing.parent.exists()
 
 
-@pytest.mark.slow
-def test_list_without_a_storage_says_to_pass_one(tmp_path):
-    code, out, err = mask_hpo("studies", "list", cwd=tmp_path)
+def test_list_without_a_storage_lists_the_studies_hpo_run_keeps_here(tmp_path, capsys, monkeypatch):
+    """hpo.run's default storage is runs/<study>/study.db: `studies list` alone reads those."""
+    from hpo.studies import main
+    from maskcls.cli import run_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HPO_STORAGE", raising=False)
+
+    def studies_list():
+        with pytest.raises(SystemExit) as end:
+            run_main(main, ["list"])
+        return end.value.code, *capsys.readouterr()
+
+    code, out, err = studies_list()
     assert code == 2 and err.splitlines() == [
-        "error: pass --storage URL (or set $HPO_STORAGE, or name a spec with --study)"
+        "error: pass --storage URL (or set $HPO_STORAGE, or name a spec with --study): no "
+        "runs/<study>/study.db here, where hpo.run keeps a study by default"
     ]
     assert list(tmp_path.iterdir()) == []
+    for name in ("b", "a"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        optuna.create_study(study_name=name, storage=f"sqlite:///runs/{name}/study.db")
+    code, out, err = studies_list()
+    assert code == 0 and err == ""
+    heads = [line for line in out.splitlines() if line.startswith("studies in")]
+    assert heads == ["studies in sqlite:///runs/a/study.db:", "studies in sqlite:///runs/b/study.db:"]
 
 
 @pytest.fixture
