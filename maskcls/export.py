@@ -180,14 +180,27 @@ def complete(model_dir: Path, data_root: str, device: torch.device, info: Export
     return figures
 
 
+MACHINE_LOCAL = ("root", "cache_dir")  # data keys that name folders of the machine that trained it
+
+
+def portable(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe without this machine's folders: where it re-runs, --data (or a spec) names the
+    data and the decoded images go to that machine's default cache."""
+    return {group: {k: v for k, v in values.items() if group != "data" or k not in MACHINE_LOCAL}
+            for group, values in recipe.items()}  # fmt: skip
+
+
 def write_recipe(path: Path, recipe: dict[str, Any], origin: str) -> Path:
-    """The recipe as a TrainConfig YAML file, so that the winning recipe re-runs as it is."""
+    """The recipe as a TrainConfig YAML file, so that the winning recipe re-runs as it is, on any
+    machine: without data.root and data.cache_dir."""
     header = (
         f"# {origin}\n"
         f"# Re-run it: python -m maskcls.train --config recipe.yaml --data ROOT --out DIR\n"
-        f"# or put it under `fixed:` in a study spec.\n"
+        f"# or put it under `fixed:` in a study spec. data.root and data.cache_dir are left out:\n"
+        f"# they named folders of the machine that trained it.\n"
     )
-    return write_atomic(path, lambda p: p.write_text(header + yaml.safe_dump(recipe, sort_keys=False)))
+    text = header + yaml.safe_dump(portable(recipe), sort_keys=False)
+    return write_atomic(path, lambda p: p.write_text(text))
 
 
 def report(info: ExportInfo, f: ExportFigures) -> str:

@@ -21,6 +21,7 @@ from hpo.storage import open_storage
 from maskcls.data import cache
 from maskcls.data.augment import Normalize, to_input
 from maskcls.data.layout import scan_eval
+from maskcls.export import portable
 from maskcls.metrics import macro_f1
 from maskcls.rundir import load_run
 
@@ -178,15 +179,21 @@ def test_the_exports_recipe_yaml_reruns_the_trial_and_is_a_specs_fixed_values(ex
     study = optuna.load_study(study_name="t", storage=open_storage(storage))
     trial = next(t for t in study.trials if t.number == study.user_attrs["export"]["trial"])
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe == trial.user_attrs["config"]
+    config = trial.user_attrs["config"]
+    # The trial's recipe, less the folders of the machine that ran it.
+    assert recipe == portable(config) and "root" not in recipe["data"] and "cache_dir" not in recipe["data"]
+    elsewhere = tmp_path / "elsewhere"  # another machine's working folder: nothing of the study's
+    elsewhere.mkdir()
     command = [sys.executable, "-m", "maskcls.train", "--config", str(out / "recipe.yaml")]
-    command += ["--data", recipe["data"]["root"], "--out", str(tmp_path / "again"), "--threads", "1"]
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp)
+    command += ["--data", config["data"]["root"], "--out", str(tmp_path / "again"), "--threads", "1"]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=elsewhere)
     assert again.returncode == 0, again.stderr
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["train_config"] == recipe
+    rerun = json.loads((tmp_path / "again" / "config.json").read_text())["train_config"]
+    assert portable(rerun) == recipe and rerun["data"]["cache_dir"] != config["data"]["cache_dir"]
+    assert (elsewhere / rerun["data"]["cache_dir"]).is_dir()  # its own default cache, not the study's
     space = {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}  # a spec searches something
     (tmp_path / "again.yaml").write_text(yaml.safe_dump({"study": "again", "fixed": recipe, "space": space}))
-    assert specs.load(str(tmp_path / "again.yaml")).base.to_dict() == recipe
+    assert portable(specs.load(str(tmp_path / "again.yaml")).base.to_dict()) == recipe
 
 
 def test_the_report_shows_the_study_the_recipe_and_what_each_figure_was_measured_on(exported, small_root):
