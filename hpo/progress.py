@@ -150,7 +150,7 @@ class Progress:
             return text
         rate = done * 3600 / elapsed
         left = self.target - finished
-        return f"{text}, {rate:.3g} trials/h" + (f", ETA {clock(left * 3600 / rate)}" if left > 0 else "")
+        return f"{text}, {per_hour(rate)}" + (f", ETA {clock(left * 3600 / rate)}" if left > 0 else "")
 
     def describe(self, slot: SlotStatus, trial: optuna.trial.FrozenTrial | None) -> str:
         if slot.done:
@@ -175,6 +175,11 @@ def epochs_of(trial: optuna.trial.FrozenTrial, spec: StudySpec) -> int:
     """The trial's own epoch count (it may be searched), else the spec's."""
     config = trial.user_attrs.get(Attr.CONFIG) or {}
     return int(config.get("train", {}).get("epochs", spec.base.train.epochs))
+
+
+def per_hour(rate: float) -> str:
+    """Three significant digits, never in exponent notation (1200, not 1.2e+03)."""
+    return f"{rate:.0f} trials/h" if rate >= 100 else f"{rate:.3g} trials/h"
 
 
 def clock(seconds: float) -> str:
@@ -218,7 +223,7 @@ def summary(
     ]
     if run is not None:
         done = now["finished"] - run.finished_before
-        pace = f" ({done * 3600 / run.elapsed():.3g} trials/h)" if done > 0 else ""
+        pace = f" ({per_hour(done * 3600 / run.elapsed())})" if done > 0 else ""
         lines.append(f"wall time {clock(run.elapsed())} for the {done} trial(s) this run finished{pace}")
     if not spec.multi:  # a study of several objectives reports no epochs to prune at
         finished = study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED))

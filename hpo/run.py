@@ -249,13 +249,13 @@ class Dispatcher:
         return failed
 
     def run(self) -> int:
-        reason = self.rule_met()
-        if reason is not None:  # a study that met the rule in an earlier run: no trial starts
-            self.progress.note(f"not starting: {reason}")
-            return Exit.OK
-        for slot in self.slots:
-            self.start(slot)
         try:
+            reason = self.rule_met()
+            if reason is not None:  # a study that met the rule in an earlier run: no trial starts
+                self.progress.note(f"not starting: {reason}")
+                return Exit.OK
+            for slot in self.slots:
+                self.start(slot)
             while not all(s.done for s in self.slots):
                 code = self.check_workers()
                 if code is not None:

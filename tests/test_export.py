@@ -98,10 +98,12 @@ def exported(finished_study):
     # What a log file gets: lines, no carriage-return bars, no library warnings.
     assert "\r" not in done.stderr and "Warning" not in done.stderr, done.stderr
     assert "retraining trial" in done.stderr and "exporting: ONNX" in done.stderr
-    # What it measured in a few lines, and where the report is; not the report itself.
-    lines = done.stdout.splitlines()
-    assert len(lines) == 4 and lines[0].startswith("exported (") and lines[1].startswith("ONNX agrees"), lines
-    assert lines[2:] == [f"report: {tmp / 'export' / 'report.md'}", f"wrote {tmp / 'export'}"]
+    # The retrain's epochs, then what it measured in four lines and where the report is; not the
+    # report itself.
+    *epochs, exported, onnx, report, wrote = done.stdout.splitlines()
+    assert all(line.startswith("epoch ") for line in epochs) and len(epochs) <= 3, done.stdout
+    assert exported.startswith("exported (") and onnx.startswith("ONNX agrees with PyTorch: argmax ")
+    assert [report, wrote] == [f"report: {tmp / 'export' / 'report.md'}", f"wrote {tmp / 'export'}"]
     return tmp, spec, storage, tmp / "export"
 
 

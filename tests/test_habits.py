@@ -53,7 +53,8 @@ def test_one_worker_repeats_a_seeded_study_and_its_log_has_a_line_per_trial(smal
     assert len(starts) == 3 and all(re.search(rf"optim.lr=\S+.* \[{clock}\]$", line) for line in starts), (
         starts
     )
-    ends = re.findall(r"^trial \d+ (?:complete|pruned) .*$", log, re.M)
+    ends = re.findall(r"^trial \d+ (?:complete:|pruned) .*$", log, re.M)
+    assert len(ends) == 3, log
     assert all(re.search(rf"; {clock} elapsed, [\d.]+ trials/h", line) for line in ends), ends
     assert [bool(re.search(rf", ETA {clock}\]$", line)) for line in ends] == [True, True, False], ends
     assert re.search(rf"^study \S+: \d/3 finished, best .*; {clock} elapsed", log, re.M), log

@@ -78,6 +78,11 @@ def test_the_pace_counts_only_this_runs_trials(clock):
     assert lines.pace(5) == "1:00:00 elapsed"
     assert lines.pace(7) == "1:00:00 elapsed, 2 trials/h, ETA 1:30:00"
     assert shown.clock(3 * 3600 + 62.9) == "3:01:02"
+    assert [shown.per_hour(r) for r in (1234.5, 99.94, 0.5)] == [
+        "1234 trials/h",
+        "99.9 trials/h",
+        "0.5 trials/h",
+    ]
 
 
 def test_the_study_note_replaces_only_its_own_parts():
