@@ -46,10 +46,17 @@ if TYPE_CHECKING:
 MAX_CONSECUTIVE_FAILURES = 5
 
 
+INTERRUPTED_BY_SIGNAL = threading.Event()
+
+
 def _interrupt(signum, frame) -> None:
-    """First SIGINT/SIGTERM interrupts the trial (Optuna marks it FAIL); later ones wait for that."""
+    """First SIGINT/SIGTERM interrupts the trial (Optuna marks it FAIL); later ones wait for that.
+    The exception can land where Python swallows it (a garbage-collection callback: "Exception
+    ignored in ..."), and the trial then runs to its end: the flag still stops the worker before
+    its next trial."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    INTERRUPTED_BY_SIGNAL.set()
     raise KeyboardInterrupt
 
 
@@ -154,6 +161,8 @@ def trials(
             failures.append(f"trial {trial.number}: {reason or 'see the log above'}")
 
     while True:
+        if INTERRUPTED_BY_SIGNAL.is_set():  # its KeyboardInterrupt was swallowed mid-trial
+            raise KeyboardInterrupt
         with quiet_experimental():
             optuna.storages.fail_stale_trials(study)
         now = counts(study)

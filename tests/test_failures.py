@@ -108,3 +108,31 @@ def test_workers_number_gpus_as_nvml_does(monkeypatch):
     monkeypatch.setattr("hpo.run.gpu_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert {s.env["CUDA_DEVICE_ORDER"] for s in gpu_slots(None, 1, None)} == {"PCI_BUS_ID"}
+
+
+def test_an_interrupt_python_swallowed_still_stops_the_worker_before_its_next_trial(monkeypatch):
+    """SIGINT's KeyboardInterrupt can land in a garbage-collection callback, where Python prints
+    "Exception ignored" and goes on (seen in CI: the worker then ran six more trials after the
+    dispatcher stopped it). The handler's flag stops the worker before its next trial."""
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    from hpo import worker
+
+    monkeypatch.setattr(worker, "INTERRUPTED_BY_SIGNAL", threading.Event())
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            worker._interrupt(signal.SIGINT, None)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert worker.INTERRUPTED_BY_SIGNAL.is_set()  # as if that KeyboardInterrupt had been swallowed
+
+    ran = []
+    objective = worker.Watched(lambda trial: ran.append(trial.number) or 0.0)
+    args = SimpleNamespace(target=5, deadline=None)
+    with pytest.raises(KeyboardInterrupt):
+        worker.trials(optuna.create_study(), objective, args, torch.device("cpu"), poll_s=0.01)
+    assert ran == []

@@ -75,17 +75,20 @@ def test_a_plateau_stops_the_run_a_second_run_starts_no_trial_and_add_runs_one_m
     assert code == 0, err
     study = optuna.load_study(study_name="t", storage=storage_at(storage))
     finished = [t for t in study.trials if t.state in (COMPLETE, PRUNED)]
-    assert [(t.number, t.state) for t in finished] == [(0, COMPLETE), (1, PRUNED)]
+    # The trial running when the rule fired is interrupted and queued again, or, when its
+    # interrupt lands where Python swallows it, ends first (tests/test_failures.py): no other starts.
+    assert [(t.number, t.state) for t in finished][:2] == [(0, COMPLETE), (1, PRUNED)] and len(finished) <= 3
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     line = "stopping: plateau: the best value"
     assert sum(line in x for x in err.splitlines()) == 1, err
-    assert "study t: 2/8 finished" in out
+    assert f"study t: {len(finished)}/8 finished" in out
 
     code, out, err = finish(hpo_run(spec, storage, *args, cwd=tmp_path))
     assert code == 0 and "not starting: plateau: the best value" in err, err
     again = optuna.load_study(study_name="t", storage=storage_at(storage))
-    assert len([t for t in again.trials if t.state in (COMPLETE, PRUNED)]) == 2
+    assert len([t for t in again.trials if t.state in (COMPLETE, PRUNED)]) == len(finished)
 
     # Without --stop the rule is off; --add 1 runs one trial more than the study holds.
     code, out, err = finish(hpo_run(spec, storage, *args[:2], *args[4:], "--add", "1", cwd=tmp_path))
-    assert code == 0 and "study t: 3/3 finished" in out, err
+    more = len(finished) + 1
+    assert code == 0 and f"study t: {more}/{more} finished" in out, err
