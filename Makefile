@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup  ## the demo study end to end: stand-in data, 2 CPU workers, summary and dashboard command
 	$(BIN)/python -m hpo.run --study demo --workers 2
 
-test: lint  ## lint, type check and the whole suite (about 28 min on 2 cores), as CI runs it
+test: lint  ## lint, type check and the whole suite (17-25 min on 2 cores), as CI runs it
 	$(BIN)/python -m pytest --durations=25
 
 test-fast: setup  ## the tests that neither train, start processes nor wait (about 1 min): the edit loop
