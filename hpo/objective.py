@@ -11,6 +11,7 @@ hpo.run --tensorboard/--mlflow, each trial that trains is also tracked there (hp
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import resource
 import socket
@@ -189,7 +190,9 @@ def make_objective(
             continue_from(checkpoint, trial, trackers, report=not spec.multi)
         no_memory = None
         try:
-            result = fit(cfg, data, device, reporter(trial, trackers, spec.multi), checkpoint=checkpoint)
+            keep = functools.partial(_record_pruned, trial, cfg, artifacts, trackers)
+            on_epoch = reporter(trial, trackers, spec.multi, keep)
+            result = fit(cfg, data, device, on_epoch, checkpoint=checkpoint)
         except Diverged as err:
             raise fail(trial, f"diverged: {err}") from None
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one
@@ -229,17 +232,28 @@ def unexpected(trial: optuna.Trial, err: Exception, checkpoint: CheckpointFile |
     return None
 
 
-def reporter(trial: optuna.Trial, trackers: tracking.Trackers, multi: bool) -> OnEpoch:
-    """What each epoch does: the trackers get it, Optuna records it and may prune the trial there."""
+def reporter(
+    trial: optuna.Trial,
+    trackers: tracking.Trackers,
+    multi: bool,
+    keep_pruned: Callable[[list[EpochMetrics]], None] | None = None,
+) -> OnEpoch:
+    """What each epoch does: the trackers get it, Optuna records it and may prune the trial there;
+    a pruned trial's epochs so far go to `keep_pruned` (its learning-curve artifacts)."""
+    history: list[EpochMetrics] = []
 
     def on_epoch(epoch: int, metrics: EpochMetrics) -> None:
         trackers.epoch(metrics)  # before pruning: the epoch a trial is pruned at is shown too
+        history.append(metrics)
         score = validated(metrics.val_macro_f1)
         if multi:  # Optuna neither records nor prunes per-epoch values of such studies
             return
         trial.report(score, epoch)
         if trial.should_prune():
-            raise pruned(trial, epoch, score)
+            stop = pruned(trial, epoch, score)
+            if keep_pruned is not None:
+                keep_pruned(history)
+            raise stop
 
     return on_epoch
 
@@ -376,6 +390,33 @@ def _record(
         return
     with tempfile.TemporaryDirectory() as folder:
         files = _artifact_files(Path(folder), cfg, result)
+        if artifacts is not None:
+            for path in files:
+                upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)
+        trackers.files(files)
+
+
+def _record_pruned(
+    trial: optuna.Trial,
+    cfg: TrainConfig,
+    artifacts: FileSystemArtifactStore | None,
+    trackers: tracking.Trackers,
+    history: list[EpochMetrics],
+) -> None:
+    """A pruned trial keeps its learning curve up to the epoch it was stopped at (learning_curves.png
+    and metrics.json's history) and its config.json, beside the pruned_why attr."""
+    from maskcls import plots
+
+    if artifacts is None and not trackers.live:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        epochs = [m.to_dict() for m in history]
+        files = [plots.learning_curves(epochs, tmp / "learning_curves.png")]
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        why = trial.user_attrs.get(Attr.PRUNED_WHY)
+        (tmp / "metrics.json").write_text(json.dumps({"pruned_why": why, "history": epochs}, indent=2))
+        files += [tmp / "config.json", tmp / "metrics.json"]
         if artifacts is not None:
             for path in files:
                 upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)

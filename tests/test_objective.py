@@ -1,5 +1,7 @@
 """A trial that runs out of memory or diverges fails with its reason; the worker goes on."""
 
+import json
+
 import optuna
 import pytest
 import torch
@@ -8,6 +10,7 @@ import yaml
 from hpo import spec as specs
 from hpo.objective import TrialFailed, make_objective
 from maskcls import train
+from maskcls.config import TrainConfig
 
 
 @pytest.fixture
@@ -72,10 +75,15 @@ def test_out_of_memory_fails_the_trial_and_the_next_one_runs(spec, monkeypatch):
     assert fine.state == optuna.trial.TrialState.COMPLETE
 
 
-def test_a_pruned_trial_records_why_and_its_line_says_it():
+def test_a_pruned_trial_records_why_keeps_its_curve_and_its_line_says_it(tmp_path):
     """Its value against the trials that reached the same epoch, and the pruner: on the trial
-    (the dashboard, `studies trials`) and in hpo.run's line."""
-    from hpo.objective import reporter
+    (the dashboard, `studies trials`) and in hpo.run's line; its learning curve to the epoch it was
+    stopped at, its config and that history are artifacts, as a complete trial's are."""
+    import functools
+
+    from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+
+    from hpo.objective import _record_pruned, reporter
     from hpo.progress import ended
     from hpo.protocol import Attr
     from hpo.tracking import Trackers
@@ -90,11 +98,20 @@ def test_a_pruned_trial_records_why_and_its_line_says_it():
         study.tell(trial, value)
     trial = study.ask()
     metrics = EpochMetrics(epoch=1, train_loss=1.0, lr=0.1, images_per_s=1.0, seconds=1.0, val_macro_f1=0.3)
+    store = FileSystemArtifactStore(str(tmp_path))
+    keep = functools.partial(_record_pruned, trial, TrainConfig(), store, Trackers())
     with pytest.raises(optuna.TrialPruned) as stop:
-        reporter(trial, Trackers(), multi=False)(1, metrics)
+        reporter(trial, Trackers(), multi=False, keep_pruned=keep)(1, metrics)
     why = "val macro-F1 0.3000, rank 4 of 4 trials at epoch 1 (median 0.6000, best 0.7000); MedianPruner"
     assert str(stop.value) == f"pruned after epoch 1: {why}"
     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     frozen = study.trials[-1]
     assert frozen.user_attrs[Attr.PRUNED_WHY] == why
+    kept = {m.filename: m.artifact_id for m in get_all_artifact_meta(frozen, storage=study._storage)}
+    assert set(kept) == {"learning_curves.png", "config.json", "metrics.json"}
+    download_artifact(
+        artifact_store=store, artifact_id=kept["metrics.json"], file_path=str(tmp_path / "m.json")
+    )
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["pruned_why"] == why and [h["val_macro_f1"] for h in saved["history"]] == [0.3]
     assert ended(frozen, epochs=5) == f"trial 3 pruned at epoch 1/5: {why}"
