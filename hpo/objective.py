@@ -425,8 +425,8 @@ def _record_pruned(
 
 def _artifact_files(tmp: Path, cfg: TrainConfig, result: FitResult) -> list[Path]:
     """What the dashboard and MLflow show of a complete trial: learning curves, confusion matrix,
-    config.json and metrics.json. (matplotlib loads here: a worker whose trials are all pruned
-    never needs it.)"""
+    config.json and metrics.json. (matplotlib loads here and in _record_pruned, when a trial ends:
+    a worker that is only started, or is asked for --help, never needs it.)"""
     from maskcls import plots
 
     best = result.history[result.best_epoch - 1]
