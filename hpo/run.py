@@ -50,10 +50,10 @@ from hpo.storage import (
     setup_lock,
     study_deleted,
 )
-from hpo.tracking import check_available
+from hpo.tracking import check_available, end_study_run
 from maskcls import weights
 from maskcls.cli import HelpFormatter, prog, run_main
-from maskcls.errors import UserError, quoted
+from maskcls.errors import UserError, mask_secrets, quoted
 from maskcls.runtime import add_threads_argument, owned_cores
 
 MAX_RESTARTS_PER_SLOT = 5
@@ -566,6 +566,7 @@ def search(
     if before["finished"] >= target:
         sweep_checkpoints(study, checkpoints_dir(artifacts, spec.name))
         print(summary(study, target, spec, url, artifacts))
+        finish_tracking(args.mlflow, spec.name)
         return Exit.OK
     deadline = time.time() + args.timeout if args.timeout else None
     worker_args = WorkerArgs(
@@ -600,7 +601,21 @@ def search(
         return code  # it said so; nothing is left to sum up
     sweep_checkpoints(study, checkpoints_dir(artifacts, spec.name))
     print(summary(study, target, spec, url, artifacts, progress))
+    if code == Exit.OK and counts(study)["finished"] >= target:
+        finish_tracking(args.mlflow, spec.name)
     return code
+
+
+def finish_tracking(mlflow: str | None, study: str) -> None:
+    """The study holds its trials: its MLflow parent run ends FINISHED (a failure here is a warning:
+    tracking never decides the run's outcome)."""
+    if mlflow is None:
+        return
+    try:
+        end_study_run(mlflow, study)
+    except Exception as err:
+        shown = mask_secrets(f"{type(err).__name__}: {err}")
+        print(f"warning: MLflow: the study's parent run stays open: {shown}", file=sys.stderr)
 
 
 if __name__ == "__main__":

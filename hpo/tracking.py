@@ -39,6 +39,8 @@ INSTALL = {"tensorboard": "pip install -e '.[tensorboard]'", "mlflow": "pip inst
 # Optuna's final trial states -> MLflow run statuses; an interrupted trial (queued again) was KILLED.
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 PROBE_TIMEOUT_S = 10
+ROLE = "optuna.role"  # "study" on the parent run; trial runs carry optuna.trial_number
+BEST = "optuna.best"  # "true" on the run of the study's best trial so far, "false" on those it replaced
 
 
 def check_available(tensorboard: str | None, mlflow: str | None, study: str | None = None) -> None:
@@ -138,7 +140,41 @@ def _open_experiment(client: Any, uri: str, shown: str, study: str | None) -> No
             f"(mlflow experiments restore --experiment-id {found.experiment_id}) or delete it for good "
             "(mlflow gc)"
         )
-    experiment_id(client, uri, study)
+    study_run(client, uri, study, running=True)
+
+
+def study_run(client: Any, uri: str, study: str, running: bool = False) -> str:
+    """The id of the study's parent run (tag optuna.role=study, named study-<name>), under which
+    every trial's run nests, created by the first process to ask (the dispatcher, before any
+    worker). Should two machines create one at once, every process takes the oldest. `running`:
+    mark it RUNNING again (a study run on)."""
+    experiment = experiment_id(client, uri, study)
+
+    def oldest() -> str | None:
+        found = client.search_runs(
+            [experiment], filter_string=f"tags.`{ROLE}` = 'study'", order_by=["attributes.start_time ASC"]
+        )
+        return str(found[0].info.run_id) if found else None
+
+    run_id = oldest()
+    if run_id is None:
+        with _file_store_lock(uri):
+            run_id = oldest() or str(
+                client.create_run(
+                    experiment, tags={ROLE: "study", "optuna.study": study}, run_name=f"study-{study}"
+                ).info.run_id
+            )
+    if running:
+        client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def end_study_run(uri: str, study: str) -> None:
+    """The dispatcher saw the study reach its trial count: its parent run is FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    client.set_terminated(study_run(client, uri, study), "FINISHED")
 
 
 def experiment_id(client: Any, uri: str, name: str) -> str:
@@ -269,17 +305,27 @@ def mlflow_key(name: str) -> str:
 
 
 class MlflowTracker:
-    """One MLflow run per trial, named trial-<n>, in the experiment named after the study: the
-    params (the suggested ones and the rest of the config, dotted), metrics with step=epoch,
-    the artifacts of a complete trial, and a status that follows the trial's state. Only the
-    client API: no process-wide active run, as one worker runs many trials."""
+    """One MLflow run per trial, named trial-<n>, nested under the study's parent run in the
+    experiment named after the study: the params (the suggested ones and the rest of the config,
+    dotted), metrics with step=epoch, the artifacts of a complete or pruned trial, and a status that
+    follows the trial's state. A complete trial that beats the study's best so far (by validation
+    macro-F1, as the parent's best_value tag has it) moves the parent's best_trial, best_value and
+    best_run_id tags to itself and the optuna.best tag from the previous best run to its own. Only
+    the client API: no process-wide active run, as one worker runs many trials."""
 
     def __init__(self, uri: str, trial: TrialInfo):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
-        tags = {"optuna.study": trial.study, "optuna.trial_number": str(trial.number), **trial.tags}
+        self.parent = study_run(self.client, uri, trial.study)
+        self.number, self.best_f1 = trial.number, None
+        tags = {
+            "optuna.study": trial.study,
+            "optuna.trial_number": str(trial.number),
+            "mlflow.parentRunId": self.parent,
+            **trial.tags,
+        }
         run = self.client.create_run(
             experiment_id(self.client, uri, trial.study), tags=tags, run_name=trial.name
         )
@@ -295,6 +341,9 @@ class MlflowTracker:
 
         now = int(time.time() * 1000)
         values = scalars(metrics).items()
+        if metrics.val_macro_f1 is not None:  # the trial's value is its best epoch's
+            f1 = metrics.val_macro_f1
+            self.best_f1 = f1 if self.best_f1 is None else max(self.best_f1, f1)
         self.client.log_batch(
             self.run_id, metrics=[Metric(mlflow_key(k), v, now, metrics.epoch) for k, v in values]
         )
@@ -309,6 +358,18 @@ class MlflowTracker:
             self.client.set_tag(self.run_id, Attr.FAIL_REASON if state == "FAIL" else "reason", reason[:8000])
         status = "KILLED" if reason == INTERRUPTED else MLFLOW_STATUS.get(state, "FAILED")
         self.client.set_terminated(self.run_id, status)
+        if state == "COMPLETE" and self.best_f1 is not None:
+            self._mark_if_best(self.best_f1)
+
+    def _mark_if_best(self, value: float) -> None:
+        tags = self.client.get_run(self.parent).data.tags
+        if "best_value" in tags and float(tags["best_value"]) >= value:
+            return
+        if tags.get("best_run_id"):
+            self.client.set_tag(tags["best_run_id"], BEST, "false")
+        for key, tag in (("best_trial", self.number), ("best_value", value), ("best_run_id", self.run_id)):
+            self.client.set_tag(self.parent, key, str(tag))
+        self.client.set_tag(self.run_id, BEST, "true")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from maskcls.train import EpochMetrics
 
 EPOCH_SCALARS = ["train/loss", "train/lr", "val/loss", "val/macro_f1"]
 ARTIFACTS = {"learning_curves.png", "confusion_matrix.png", "config.json", "metrics.json"}
+PRUNED_ARTIFACTS = ARTIFACTS - {"confusion_matrix.png"}  # the curve to the epoch it was stopped at
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
@@ -36,13 +37,18 @@ def tensorboard_scalars(folder):
 
 
 def mlflow_runs(uri, study):
-    """trial number -> MLflow run, checking that the study has one experiment and a run per trial."""
+    """trial number -> MLflow run, checking that the study has one experiment, one parent run that
+    every trial's run nests under, and a run per trial."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     experiments = [e for e in client.search_experiments() if e.name == study]
     assert len(experiments) == 1
-    runs = client.search_runs([experiments[0].experiment_id])
+    found = client.search_runs([experiments[0].experiment_id])
+    parents = [run for run in found if run.data.tags.get("optuna.role") == "study"]
+    assert [p.info.run_name for p in parents] == [f"study-{study}"]
+    runs = [run for run in found if run not in parents]
+    assert {run.data.tags["mlflow.parentRunId"] for run in runs} <= {parents[0].info.run_id}
     numbers = [int(run.data.tags["optuna.trial_number"]) for run in runs]
     assert len(numbers) == len(set(numbers)), f"more than one run for a trial: {sorted(numbers)}"
     return client, {n: run for n, run in zip(numbers, runs, strict=True)}
@@ -144,6 +150,35 @@ def test_each_outcome_closes_its_run_with_the_matching_status(tmp_path):
         assert scalars["val_f1/not_wear/female/60+"][0][1] == pytest.approx(17 / 18)
     stored = tmp_path / "mlartifacts" / "s" / runs[0].info.run_id / "artifacts" / "config.json"
     assert stored.is_file()  # beside the database, not in ./mlruns of the current folder
+
+
+@pytest.mark.slow
+def test_trial_runs_nest_under_the_studys_run_whose_best_tags_follow_the_best_trial(tmp_path):
+    """No training: complete trials of values 0.2, 0.5, 0.3 (their best epochs), a pruned one of 0.9."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.check_available(None, uri, "s")
+    targets = tracking.Targets(None, uri)
+    for number, (state, f1s) in enumerate(
+        [("COMPLETE", [0.1, 0.2]), ("COMPLETE", [0.5, 0.4]), ("COMPLETE", [0.3]), ("PRUNED", [0.9])]
+    ):
+        trackers = targets.open(tracking.TrialInfo("s", number, {"optim.lr": 0.01}, {}, {}))
+        for epoch, f1 in enumerate(f1s, 1):
+            trackers.epoch(metrics_of(epoch, f1=f1))
+        trackers.finish(state, None)
+    client, runs = mlflow_runs(uri, "s")
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "RUNNING" and parent.data.tags["optuna.study"] == "s"
+    assert {k: parent.data.tags[k] for k in ("best_trial", "best_value", "best_run_id")} == {
+        "best_trial": "1",
+        "best_value": "0.5",
+        "best_run_id": runs[1].info.run_id,
+    }
+    best = {n: client.get_run(run.info.run_id).data.tags.get("optuna.best") for n, run in runs.items()}
+    assert best == {0: "false", 1: "true", 2: None, 3: None}
+    tracking.end_study_run(uri, "s")  # hpo.run once the study holds its trials
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    tracking.check_available(None, uri, "s")  # the study run on: its parent runs again
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING"
 
 
 @pytest.mark.slow
@@ -337,4 +372,9 @@ def test_hpo_run_tracks_every_trial_in_tensorboard_and_mlflow(small_root, tmp_pa
             assert [s for s, _ in steps(client, run, key)] == epochs, (trial.number, key)
         assert [v for _, v in steps(client, run, "val/macro_f1")] == pytest.approx(reported)
         listed = {f.path for f in client.list_artifacts(run.info.run_id)}
-        assert listed == (ARTIFACTS if trial.state == optuna.trial.TrialState.COMPLETE else set())
+        assert listed == (ARTIFACTS if trial.state == optuna.trial.TrialState.COMPLETE else PRUNED_ARTIFACTS)
+    parent = client.get_run(runs[trained[0].number].data.tags["mlflow.parentRunId"])
+    best = load(storage).best_trial
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == str(best.number)
+    assert float(parent.data.tags["best_value"]) == pytest.approx(best.value)
+    assert client.get_run(runs[best.number].info.run_id).data.tags["optuna.best"] == "true"
