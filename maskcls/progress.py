@@ -45,6 +45,15 @@ class Lines(io.TextIOBase):
         self.stream.flush()
 
 
+class _PlainLines(tqdm):
+    """tqdm for plain lines: a new postfix waits for the next timed line. (tqdm's own set_postfix
+    redraws at once, and while it iterates, with the count of its last timed line: the log would
+    read `0/120 batch` after every loss update until the first interval passed.)"""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+
 def bar(
     iterable: Iterable[Any] | None = None,
     *,
@@ -63,7 +72,7 @@ def bar(
         return tqdm(
             iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not enabled, file=stream
         )
-    return tqdm(
+    return _PlainLines(
         iterable,
         total=total,
         desc=desc,

@@ -107,3 +107,25 @@ def test_the_study_note_replaces_only_its_own_parts():
         "study: t\n", "`/data`: 3 photos", ["--study", "t", "--storage", "postgresql://u:s3cret@h/db"]
     )
     assert "s3cret" not in part and "--study t" in part and "```yaml\nstudy: t\n```" in part
+
+
+def test_plain_batch_lines_show_the_count_moving_and_the_loss_at_the_next_timed_line():
+    """Off a terminal a loss update (set_postfix, every 20 batches in training) waits for the next
+    timed line instead of redrawing at once with the count of the last one (`0/40 batch` again)."""
+    import re
+    import time
+
+    from maskcls.progress import bar
+
+    log = io.StringIO()
+    batches = bar(range(40), total=40, desc="epoch 1", unit="batch", every_s=0.2, stream=log)
+    for step in batches:
+        time.sleep(0.02)
+        if step % 5 == 0:
+            batches.set_postfix(loss=f"{step / 10:.3f}")
+    counts = [
+        int(re.match(r"epoch 1: (\d+)/40 batch", line).group(1)) for line in log.getvalue().splitlines()
+    ]
+    moving = counts[:-1]  # closing the bar writes its last line once more, with the final rate
+    assert counts[0] == 0 and counts[-1] == 40 and moving == sorted(set(moving)), counts
+    assert len(moving) >= 3  # the count moved between the first and the last line
