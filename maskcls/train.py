@@ -13,7 +13,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from maskcls import losses, models, weights
 from maskcls.checkpoint import CheckpointFile
 from maskcls.cli import HelpFormatter, prog, run_main
-from maskcls.config import TrainConfig, load, parse_overrides
+from maskcls.config import TrainConfig, load, parse_overrides, read_yaml
 from maskcls.data import cache, faces
 from maskcls.data.augment import mix
 from maskcls.data.batches import DeviceImages, albumentations_batches, device_batches, epoch_indices
@@ -530,6 +530,28 @@ def save_run(out: str | Path, cfg: TrainConfig, result: FitResult) -> Path:
     return out
 
 
+def config_sources(path: str | None, overrides: Mapping[str, Any], cfg: TrainConfig) -> str:
+    """One line saying where the run's config came from: the file, --set, --data, and for the
+    folders of this machine (data.cache_dir) which value it took, since an export's recipe.yaml
+    leaves them out."""
+    from_file = read_yaml(path, "a mapping of config groups") if path else {}
+    keys = {
+        f"{group}.{key}"
+        for group, values in from_file.items()
+        if isinstance(values, Mapping)
+        for key in values
+    }
+    parts = [f"{len(keys - set(overrides))} values from {path}"] if path else []
+    if overrides:
+        replaced = sorted(keys & set(overrides))
+        note = f" (replacing the file's {', '.join(replaced)})" if replaced else ""
+        parts.append(f"{', '.join(sorted(overrides))} from --set{note}")
+    parts.append("data.root from --data")
+    if "data.cache_dir" not in keys | set(overrides):
+        parts.append(f"data.cache_dir {cfg.data.cache_dir} (the default)")
+    return "config: " + "; ".join(parts) + "; the rest TrainConfig's defaults"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog("maskcls.train"),
@@ -558,7 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_threads_argument(parser)
     args = parser.parse_args(argv)
 
-    cfg = load(args.config, {**parse_overrides(args.overrides), "data.root": args.data})
+    overrides = parse_overrides(args.overrides)
+    cfg = load(args.config, {**overrides, "data.root": args.data})
+    print(config_sources(args.config, overrides, cfg), file=sys.stderr)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory for the run")

@@ -1,6 +1,7 @@
 import typing
 
 import pytest
+import yaml
 
 from maskcls.config import (
     AugmentConfig,
@@ -85,3 +86,24 @@ def test_bad_files(tmp_path):
         load(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["optim.lr"])
+
+
+def test_train_says_where_its_config_came_from(tmp_path):
+    """An export's recipe.yaml leaves out the machine's folders: the run says what it took instead."""
+    from maskcls.export import portable
+    from maskcls.train import config_sources
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(portable(TrainConfig().override({"optim.lr": 0.01}).to_dict())))
+    total = len(field_paths()) - 2  # less data.root and data.cache_dir
+    overrides = {"optim.lr": 3e-4, "train.epochs": 2}
+    cfg = load(recipe, {**overrides, "data.root": "/data"})
+    assert config_sources(str(recipe), overrides, cfg) == (
+        f"config: {total - 2} values from {recipe}; optim.lr, train.epochs from --set (replacing the "
+        "file's optim.lr, train.epochs); data.root from --data; data.cache_dir runs/cache (the default); "
+        "the rest TrainConfig's defaults"
+    )
+    assert config_sources(None, {}, TrainConfig()) == (
+        "config: data.root from --data; data.cache_dir runs/cache (the default); "
+        "the rest TrainConfig's defaults"
+    )
