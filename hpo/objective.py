@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import resource
 import socket
 import tempfile
@@ -59,6 +60,7 @@ from maskcls.train import (
     load_data,
 )
 
+log = logging.getLogger(__name__)
 CLASS_NAMES = [class_name(c) for c in range(NUM_CLASSES)]  # the competition's cutoffs, as scored
 MEMORY_WAIT_S = 3600  # how long a trial waits for GPU memory held by the trials beside it
 ACTIVE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
@@ -185,13 +187,14 @@ def make_objective(
         checkpoint: CheckpointFile | None,
         trackers: tracking.Trackers,
     ) -> float | list[float]:
+        keep = functools.partial(_record_pruned, trial, cfg, artifacts, trackers)
+        inherited: list[EpochMetrics] = []
         if checkpoint is not None:
             checkpoint.key = recipe_key(cfg, device)
-            continue_from(checkpoint, trial, trackers, report=not spec.multi)
+            inherited = continue_from(checkpoint, trial, trackers, report=not spec.multi, keep_pruned=keep)
         no_memory = None
         try:
-            keep = functools.partial(_record_pruned, trial, cfg, artifacts, trackers)
-            on_epoch = reporter(trial, trackers, spec.multi, keep)
+            on_epoch = reporter(trial, trackers, spec.multi, keep, inherited)
             result = fit(cfg, data, device, on_epoch, checkpoint=checkpoint)
         except Diverged as err:
             raise fail(trial, f"diverged: {err}") from None
@@ -237,10 +240,12 @@ def reporter(
     trackers: tracking.Trackers,
     multi: bool,
     keep_pruned: Callable[[list[EpochMetrics]], None] | None = None,
+    inherited: Sequence[EpochMetrics] = (),
 ) -> OnEpoch:
     """What each epoch does: the trackers get it, Optuna records it and may prune the trial there;
-    a pruned trial's epochs so far go to `keep_pruned` (its learning-curve artifacts)."""
-    history: list[EpochMetrics] = []
+    a pruned trial's epochs so far (those `inherited` from a checkpoint first) go to `keep_pruned`,
+    its learning-curve artifacts."""
+    history = list(inherited)
 
     def on_epoch(epoch: int, metrics: EpochMetrics) -> None:
         trackers.epoch(metrics)  # before pruning: the epoch a trial is pruned at is shown too
@@ -281,10 +286,15 @@ def pruned(trial: optuna.Trial, epoch: int, score: float) -> optuna.TrialPruned:
 
 
 def continue_from(
-    checkpoint: CheckpointFile, trial: optuna.Trial, trackers: tracking.Trackers, report: bool
-) -> None:
+    checkpoint: CheckpointFile,
+    trial: optuna.Trial,
+    trackers: tracking.Trackers,
+    report: bool,
+    keep_pruned: Callable[[list[EpochMetrics]], None] | None = None,
+) -> list[EpochMetrics]:
     """A retried trial goes on from its predecessor's checkpoint, if it left one for this recipe;
-    its trackers get the inherited epochs too, so that its run shows the whole curve."""
+    its trackers get the inherited epochs too, so that its run shows the whole curve. Returns
+    those epochs; pruned at once, the trial keeps them (`keep_pruned`)."""
     saved = checkpoint.peek()
     try:
         history = [EpochMetrics(**m) for m in saved["course"]["history"]] if saved is not None else []
@@ -294,10 +304,16 @@ def continue_from(
     if checkpoint.set_aside is not None:
         trial.set_user_attr(Attr.CHECKPOINT_SET_ASIDE, checkpoint.set_aside[:500])
     if saved is None:
-        return
+        return []
     for metrics in history:
         trackers.epoch(metrics)
-    resume(trial, saved["course"], report=report)
+    try:
+        resume(trial, saved["course"], report=report)
+    except optuna.TrialPruned:
+        if keep_pruned is not None:
+            keep_pruned(history)
+        raise
+    return history
 
 
 def open_trackers(
@@ -404,11 +420,25 @@ def _record_pruned(
     history: list[EpochMetrics],
 ) -> None:
     """A pruned trial keeps its learning curve up to the epoch it was stopped at (learning_curves.png
-    and metrics.json's history) and its config.json, beside the pruned_why attr."""
-    from maskcls import plots
-
+    and metrics.json's history) and its config.json, beside the pruned_why attr. These serve the
+    person watching and never decide the trial: a failure here is a warning in the worker's log."""
     if artifacts is None and not trackers.live:
         return
+    try:
+        _upload_pruned(trial, cfg, artifacts, trackers, history)
+    except Exception as err:
+        log.warning("trial %d: its pruned curve was not kept: %s: %s", trial.number, type(err).__name__, err)
+
+
+def _upload_pruned(
+    trial: optuna.Trial,
+    cfg: TrainConfig,
+    artifacts: FileSystemArtifactStore | None,
+    trackers: tracking.Trackers,
+    history: list[EpochMetrics],
+) -> None:
+    from maskcls import plots
+
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         epochs = [m.to_dict() for m in history]

@@ -114,4 +114,12 @@ def test_a_pruned_trial_records_why_keeps_its_curve_and_its_line_says_it(tmp_pat
     )
     saved = json.loads((tmp_path / "m.json").read_text())
     assert saved["pruned_why"] == why and [h["val_macro_f1"] for h in saved["history"]] == [0.3]
+
+    # A store that cannot take the files leaves a warning, and the trial is pruned all the same.
+    (tmp_path / "not-a-folder").write_text("")
+    trial = study.ask()
+    broken = FileSystemArtifactStore(str(tmp_path / "not-a-folder"))
+    keep = functools.partial(_record_pruned, trial, TrainConfig(), broken, Trackers())
+    with pytest.raises(optuna.TrialPruned):
+        reporter(trial, Trackers(), multi=False, keep_pruned=keep)(1, metrics)
     assert ended(frozen, epochs=5) == f"trial 3 pruned at epoch 1/5: {why}"
