@@ -38,6 +38,7 @@ from hpo.protocol import (
     artifacts_dir,
     checkpoints_dir,
     quiet_experimental,
+    ranked,
     worker_id,
 )
 from hpo.storage import (
@@ -566,7 +567,7 @@ def search(
     if before["finished"] >= target:
         sweep_checkpoints(study, checkpoints_dir(artifacts, spec.name))
         print(summary(study, target, spec, url, artifacts))
-        finish_tracking(args.mlflow, spec.name)
+        finish_tracking(args.mlflow, study)
         return Exit.OK
     deadline = time.time() + args.timeout if args.timeout else None
     worker_args = WorkerArgs(
@@ -602,17 +603,19 @@ def search(
     sweep_checkpoints(study, checkpoints_dir(artifacts, spec.name))
     print(summary(study, target, spec, url, artifacts, progress))
     if code == Exit.OK and counts(study)["finished"] >= target:
-        finish_tracking(args.mlflow, spec.name)
+        finish_tracking(args.mlflow, study)
     return code
 
 
-def finish_tracking(mlflow: str | None, study: str) -> None:
-    """The study holds its trials: its MLflow parent run ends FINISHED (a failure here is a warning:
-    tracking never decides the run's outcome)."""
+def finish_tracking(mlflow: str | None, study: optuna.Study) -> None:
+    """The study holds its trials: its MLflow parent run ends FINISHED with the study's best trial
+    (by validation macro-F1) in its tags (a failure here is a warning: tracking never decides the
+    run's outcome)."""
     if mlflow is None:
         return
+    best = ranked(study)[:1]
     try:
-        end_study_run(mlflow, study)
+        end_study_run(mlflow, study.study_name, (best[0].number, best[0].values[0]) if best else None)
     except Exception as err:
         shown = mask_secrets(f"{type(err).__name__}: {err}")
         print(f"warning: MLflow: the study's parent run stays open: {shown}", file=sys.stderr)

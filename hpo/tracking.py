@@ -169,12 +169,34 @@ def study_run(client: Any, uri: str, study: str, running: bool = False) -> str:
     return run_id
 
 
-def end_study_run(uri: str, study: str) -> None:
-    """The dispatcher saw the study reach its trial count: its parent run is FINISHED."""
+def end_study_run(uri: str, study: str, best: tuple[int, float] | None) -> None:
+    """The dispatcher saw the study reach its trial count: its parent run is FINISHED, and its best
+    tags name `best` (trial number, validation macro-F1) as the study has it, whatever order
+    workers finishing together wrote them in."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    client.set_terminated(study_run(client, uri, study), "FINISHED")
+    parent = study_run(client, uri, study)
+    if best is not None:
+        number, value = best
+        runs = client.search_runs(
+            [experiment_id(client, uri, study)], filter_string=f"tags.`{BEST}` = 'true'"
+        )
+        mine = client.search_runs(
+            [experiment_id(client, uri, study)], filter_string=f"tags.`optuna.trial_number` = '{number}'"
+        )
+        for run in runs:
+            if not mine or run.info.run_id != mine[0].info.run_id:
+                client.set_tag(run.info.run_id, BEST, "false")
+        if mine:
+            _tag_best(client, parent, number, value, mine[0].info.run_id)
+    client.set_terminated(parent, "FINISHED")
+
+
+def _tag_best(client: Any, parent: str, number: int, value: float, run_id: str) -> None:
+    for key, tag in (("best_trial", number), ("best_value", value), ("best_run_id", run_id)):
+        client.set_tag(parent, key, str(tag))
+    client.set_tag(run_id, BEST, "true")
 
 
 def experiment_id(client: Any, uri: str, name: str) -> str:
@@ -359,17 +381,20 @@ class MlflowTracker:
         status = "KILLED" if reason == INTERRUPTED else MLFLOW_STATUS.get(state, "FAILED")
         self.client.set_terminated(self.run_id, status)
         if state == "COMPLETE" and self.best_f1 is not None:
-            self._mark_if_best(self.best_f1)
+            try:  # the run is closed with its own status; tagging the best must not reopen it as FAILED
+                self._mark_if_best(self.best_f1)
+            except Exception as err:
+                log.warning("MLflow: trial %d's best tags not set: %s", self.number, mask_secrets(str(err)))
 
     def _mark_if_best(self, value: float) -> None:
+        """Live, as trials finish; two workers finishing at once may both write (the dispatcher sets
+        the final tags from the study when it ends)."""
         tags = self.client.get_run(self.parent).data.tags
         if "best_value" in tags and float(tags["best_value"]) >= value:
             return
         if tags.get("best_run_id"):
             self.client.set_tag(tags["best_run_id"], BEST, "false")
-        for key, tag in (("best_trial", self.number), ("best_value", value), ("best_run_id", self.run_id)):
-            self.client.set_tag(self.parent, key, str(tag))
-        self.client.set_tag(self.run_id, BEST, "true")
+        _tag_best(self.client, self.parent, self.number, value, self.run_id)
 
 
 @dataclass(frozen=True)
