@@ -1,5 +1,7 @@
 """`python -m hpo.export-best --study NAME`: retrain the best trial and export a deployable model.
 
+What is exported by default is the spec's `export: {top_k: K}` (1, the single best trial, when it
+sets none; demo.yaml sets 2, the best mean of bench/effectiveness.py on held-out people).
 The trial's recipe is rebuilt exactly from the config stored on it (not re-derived from the
 space), then retrained: by default on all training people for the epoch count at which the trial
 peaked; with --holdout on the trial's own split (its validation macro-F1 reported next to the
@@ -97,8 +99,9 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     return trial
 
 
-def distinct_top(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The k best complete trials with different parameters and the best one's preprocessing."""
+def distinct_top(study: optuna.Study, k: int, exactly: bool = True) -> list[optuna.trial.FrozenTrial]:
+    """The k best complete trials with different parameters and the best one's preprocessing
+    (fewer when the study has fewer and not `exactly`)."""
     chosen: list[optuna.trial.FrozenTrial] = []
     seen, passed_over = set(), []
     for trial in ranked(study):
@@ -114,7 +117,7 @@ def distinct_top(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
         chosen.append(trial)
         if len(chosen) == k:
             break
-    if len(chosen) < k:
+    if len(chosen) < k and (exactly or not chosen):
         other = f" ({len(passed_over)} more with other preprocessing)" if passed_over else ""
         raise UserError(
             f"--top-k {k}: study {quoted(study.study_name)} has only {len(chosen)} complete trials with "
@@ -126,6 +129,24 @@ def distinct_top(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
             file=sys.stderr,
         )
     return chosen
+
+
+def default_trials(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
+    """No --trial, --top-k or --folds: the spec's `export.top_k` best distinct recipes, or as many
+    as the study has (the single best trial when that is one)."""
+    if top_k == 1:
+        return [pick_trial(study, None)]
+    if not ranked(study):
+        pick_trial(study, None)  # the one message for a study without a finished trial
+    trials = distinct_top(study, top_k, exactly=False)
+    if len(trials) < top_k:
+        print(
+            f"the spec's export.top_k is {top_k}; study {study.study_name} has {len(trials)} complete "
+            f"trial{'s' if len(trials) > 1 else ''} with distinct recipes: exporting "
+            + ("the best alone" if len(trials) == 1 else f"the {len(trials)} as one ensemble"),
+            file=sys.stderr,
+        )
+    return trials
 
 
 def pick_tradeoff(
@@ -174,7 +195,10 @@ def retrain_top(
 ) -> Retrain:
     """Each trial retrained as a single export would be, then one ensemble of them all."""
     if holdout and len({split_of(c) for c in cfgs}) > 1:
-        raise UserError("--holdout --top-k: the trials were validated on different splits; drop --holdout")
+        raise UserError(
+            "--holdout: the ensemble's trials were validated on different splits; drop --holdout, or "
+            "export one trial (--trial N)"
+        )
     done = []
     for i, (cfg, trial) in enumerate(zip(cfgs, trials, strict=True)):
         print(f"member {i + 1}/{len(trials)}: trial {trial.number}", file=sys.stderr)
@@ -404,7 +428,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--trial", type=int, help="trial number (default: the best complete trial)")
     choice.add_argument(
-        "--top-k", type=int, metavar="K", help="export the K best distinct recipes as one ensemble"
+        "--top-k",
+        type=int,
+        metavar="K",
+        help="export the K best distinct recipes as one ensemble (default: the spec's export.top_k, "
+        "or as many as the study has; 1 when the spec sets none)",
     )
     choice.add_argument(
         "--pick",
@@ -416,7 +444,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--weighting",
         choices=("equal", "f1"),
         default="equal",
-        help="--top-k: members vote equally or by their trial's validation macro-F1",
+        help="an ensemble of trials (--top-k, or the spec's export.top_k): members vote equally or by "
+        "their trial's validation macro-F1",
     )
     parser.add_argument(
         "--calibrate",
@@ -472,8 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pick or (len(study.directions) > 1 and args.trial is None and not args.top_k):
         trial, picked = pick_tradeoff(study, spec.objectives, args.pick or "best-f1")
         trials = [trial]
+    elif args.top_k:
+        trials = distinct_top(study, args.top_k)
+    elif args.trial is not None or args.folds:
+        trials = [pick_trial(study, args.trial)]
     else:
-        trials = distinct_top(study, args.top_k) if args.top_k else [pick_trial(study, args.trial)]
+        trials = default_trials(study, spec.top_k)
     if picked:
         print(f"picked {picked}", file=sys.stderr)
     cfgs = [TrainConfig.from_dict(t.user_attrs[Attr.CONFIG]) for t in trials]
@@ -489,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = ", ".join(f"trial {t.number} (val macro-F1 {t.values[0]:.4f})" for t in trials)
     print(f"exporting {values} of study {spec.name}", file=sys.stderr)
 
-    if args.top_k:
+    if args.top_k or len(trials) > 1:
         done = retrain_top(trials, cfgs, args.holdout, args.weighting, device)
     else:
         done = retrain(cfgs[0], trials[0], args.holdout, args.folds, device)

@@ -12,6 +12,7 @@ pruner: {name: hyperband}         # hyperband | median | successive_halving | pa
 space: {...}                      # see hpo.space
 enqueue: [{optim.lr: 0.003}]      # recipes run first, so a search never ends below them
 heartbeat: {interval: 10, grace: 60, max_retry: 2, outage: 300}
+export: {top_k: 3}                # export-best's default: the 3 best distinct recipes as one ensemble
 ```
 """
 
@@ -84,6 +85,7 @@ SPEC_KEYS = (
     "space",
     "enqueue",
     "heartbeat",
+    "export",
 )
 
 
@@ -129,6 +131,7 @@ class StudySpec:
     heartbeat: Heartbeat
     models: tuple[ModelConfig, ...]  # every (model.name, model.pretrained) a trial can get
     objectives: tuple[str, ...] = (METRIC,)  # val_macro_f1 first; more make a multi-objective study
+    top_k: int = 1  # export-best's default: an ensemble of this many best distinct recipes
 
     @property
     def directions(self) -> list[Literal["minimize", "maximize"]]:
@@ -287,6 +290,21 @@ def load(name_or_path: str) -> StudySpec:
             raise UserError(
                 f"{path}: heartbeat.{key} must be a whole number of seconds (or retries), got {quoted(value)}"
             )
+    export = {} if raw.get("export") is None else raw["export"]
+    if not isinstance(export, Mapping) or set(export) - {"top_k"}:
+        raise UserError(
+            f"{path}: export must be a mapping with `top_k` (export-best's default ensemble size)"
+        )
+    top_k = export.get("top_k", 1)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise UserError(
+            f"{path}: export.top_k must be a whole number of trials, at least 1, got {quoted(top_k)}"
+        )
+    if top_k > 1 and len(objectives) > 1:
+        raise UserError(
+            f"{path}: export.top_k: a study with several objectives exports the trial its trade-off "
+            "picks (export-best --pick), not an ensemble; drop export.top_k"
+        )
     n_trials = raw.get("n_trials", 20)
     if not isinstance(n_trials, int) or n_trials < 1:
         raise UserError(f"{path}: n_trials must be a positive integer")
@@ -304,6 +322,7 @@ def load(name_or_path: str) -> StudySpec:
         heartbeat=heartbeat,
         models=tuple(spec_models(raw)),
         objectives=objectives,
+        top_k=top_k,
     )
     _check_builds(spec, path)
     return spec

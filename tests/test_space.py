@@ -202,3 +202,52 @@ def test_the_patient_pruner_stops_a_trial_three_epochs_below_its_best():
         trial.report(value, epoch)
         decisions.append(trial.should_prune())
     assert decisions == [False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    "export, message",
+    [
+        ({"top_k": 0}, "export.top_k must be a whole number of trials, at least 1, got 0"),
+        ({"top_k": "3"}, "export.top_k must be a whole number of trials, at least 1, got '3'"),
+        ({"k": 3}, "export must be a mapping with `top_k`"),
+        ([3], "export must be a mapping with `top_k`"),
+        (False, "export must be a mapping with `top_k`"),
+        ({"top_k": 2, "objectives": 2}, "export.top_k: a study with several objectives exports the trial"),
+    ],
+)
+def test_the_export_default_is_a_whole_number_of_trials(tmp_path, export, message):
+    lr = {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}
+    path = tmp_path / "s.yaml"
+    two = isinstance(export, dict) and export.pop("objectives", None)
+    objectives = {"objectives": ["val_macro_f1", "params_m"], "pruner": "none"} if two else {}
+    path.write_text(yaml.safe_dump({"study": "s", "space": lr, "export": export, **objectives}))
+    with pytest.raises(UserError, match=re.escape(message)):
+        specs.load(str(path))
+    path.write_text(yaml.safe_dump({"study": "s", "space": lr}))
+    assert specs.load(str(path)).top_k == 1  # a spec without it: the single best trial
+
+
+def test_export_best_defaults_to_the_specs_top_k_or_as_many_distinct_recipes_as_there_are(capsys):
+    from hpo.export_best import default_trials
+    from hpo.protocol import Attr
+    from maskcls.config import TrainConfig
+
+    config = TrainConfig().to_dict()
+    lr = optuna.distributions.FloatDistribution(1e-3, 1e-2)
+    study = optuna.create_study(direction="maximize")
+    with pytest.raises(UserError, match="has no finished trial yet"):
+        default_trials(study, 3)
+    for value, rate in [(0.3, 3e-3), (0.5, 5e-3), (0.4, 3e-3), (0.2, 2e-3)]:  # 0.4 repeats 0.3's recipe
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"optim.lr": rate},
+                distributions={"optim.lr": lr},
+                value=value,
+                user_attrs={Attr.CONFIG: config},
+            )
+        )
+    assert [t.value for t in default_trials(study, 1)] == [0.5]
+    assert [t.value for t in default_trials(study, 2)] == [0.5, 0.4]
+    assert capsys.readouterr().err == ""
+    assert [t.value for t in default_trials(study, 5)] == [0.5, 0.4, 0.2]  # three distinct recipes
+    assert "export.top_k is 5; study" in capsys.readouterr().err
