@@ -341,7 +341,8 @@ class MlflowTracker:
 
         self.client = MlflowClient(tracking_uri=uri)
         self.parent = study_run(self.client, uri, trial.study)
-        self.number, self.best_f1 = trial.number, None
+        self.number = trial.number
+        self.best_f1: float | None = None  # the best epoch so far: the trial's value
         tags = {
             "optuna.study": trial.study,
             "optuna.trial_number": str(trial.number),

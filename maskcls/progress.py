@@ -50,7 +50,7 @@ class _PlainLines(tqdm):
     redraws at once, and while it iterates, with the count of its last timed line: the log would
     read `0/120 batch` after every loss update until the first interval passed.)"""
 
-    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool | None = True, **kwargs: Any) -> None:
         super().set_postfix(ordered_dict, refresh=False, **kwargs)
 
 
