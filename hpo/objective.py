@@ -188,10 +188,9 @@ def make_objective(
         trackers: tracking.Trackers,
     ) -> float | list[float]:
         keep = functools.partial(_record_pruned, trial, cfg, artifacts, trackers)
-        inherited: list[EpochMetrics] = []
         if checkpoint is not None:
             checkpoint.key = recipe_key(cfg, device)
-            inherited = continue_from(checkpoint, trial, trackers, report=not spec.multi, keep_pruned=keep)
+        inherited = continue_from(checkpoint, trial, trackers, report=not spec.multi, keep_pruned=keep)
         no_memory = None
         try:
             on_epoch = reporter(trial, trackers, spec.multi, keep, inherited)
@@ -286,7 +285,7 @@ def pruned(trial: optuna.Trial, epoch: int, score: float) -> optuna.TrialPruned:
 
 
 def continue_from(
-    checkpoint: CheckpointFile,
+    checkpoint: CheckpointFile | None,
     trial: optuna.Trial,
     trackers: tracking.Trackers,
     report: bool,
@@ -295,6 +294,8 @@ def continue_from(
     """A retried trial goes on from its predecessor's checkpoint, if it left one for this recipe;
     its trackers get the inherited epochs too, so that its run shows the whole curve. Returns
     those epochs; pruned at once, the trial keeps them (`keep_pruned`)."""
+    if checkpoint is None:  # a trial without checkpoints starts at epoch 1
+        return []
     saved = checkpoint.peek()
     try:
         history = [EpochMetrics(**m) for m in saved["course"]["history"]] if saved is not None else []

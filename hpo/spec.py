@@ -290,21 +290,7 @@ def load(name_or_path: str) -> StudySpec:
             raise UserError(
                 f"{path}: heartbeat.{key} must be a whole number of seconds (or retries), got {quoted(value)}"
             )
-    export = {} if raw.get("export") is None else raw["export"]
-    if not isinstance(export, Mapping) or set(export) - {"top_k"}:
-        raise UserError(
-            f"{path}: export must be a mapping with `top_k` (export-best's default ensemble size)"
-        )
-    top_k = export.get("top_k", 1)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise UserError(
-            f"{path}: export.top_k must be a whole number of trials, at least 1, got {quoted(top_k)}"
-        )
-    if top_k > 1 and len(objectives) > 1:
-        raise UserError(
-            f"{path}: export.top_k: a study with several objectives exports the trial its trade-off "
-            "picks (export-best --pick), not an ensemble; drop export.top_k"
-        )
+    top_k = _export_top_k(raw.get("export"), path, objectives)
     n_trials = raw.get("n_trials", 20)
     if not isinstance(n_trials, int) or n_trials < 1:
         raise UserError(f"{path}: n_trials must be a positive integer")
@@ -326,6 +312,26 @@ def load(name_or_path: str) -> StudySpec:
     )
     _check_builds(spec, path)
     return spec
+
+
+def _export_top_k(raw: Any, path: Path, objectives: tuple[str, ...]) -> int:
+    """`export: {top_k: K}`: export-best's default ensemble size (1 when absent)."""
+    export = {} if raw is None else raw
+    if not isinstance(export, Mapping) or set(export) - {"top_k"}:
+        raise UserError(
+            f"{path}: export must be a mapping with `top_k` (export-best's default ensemble size)"
+        )
+    top_k = export.get("top_k", 1)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise UserError(
+            f"{path}: export.top_k must be a whole number of trials, at least 1, got {quoted(top_k)}"
+        )
+    if top_k > 1 and len(objectives) > 1:
+        raise UserError(
+            f"{path}: export.top_k: a study with several objectives exports the trial its trade-off "
+            "picks (export-best --pick), not an ensemble; drop export.top_k"
+        )
+    return top_k
 
 
 def _objectives(raw: Mapping[str, Any], where: str) -> tuple[str, ...]:

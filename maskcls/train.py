@@ -582,7 +582,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     overrides = parse_overrides(args.overrides)
     cfg = load(args.config, {**overrides, "data.root": args.data})
-    print(config_sources(args.config, overrides, cfg), file=sys.stderr)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory for the run")
@@ -592,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     faces.check(cfg.data)  # and a face boxes table that does not fit the data
     threads = configure_cpu(args.threads)
     data = load_data(cfg)
+    print(config_sources(args.config, overrides, cfg), file=sys.stderr)  # after every input check
     print(
         f"{len(data.train_rows)} training and {len(data.val_rows)} validation images "
         f"({data.table['person'].nunique()} people), {cfg.model.name} on {device}, {threads} CPU threads",

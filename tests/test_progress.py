@@ -129,3 +129,65 @@ def test_plain_batch_lines_show_the_count_moving_and_the_loss_at_the_next_timed_
     moving = counts[:-1]  # closing the bar writes its last line once more, with the final rate
     assert counts[0] == 0 and counts[-1] == 40 and moving == sorted(set(moving)), counts
     assert len(moving) >= 3  # the count moved between the first and the last line
+
+
+@pytest.mark.slow
+def test_a_six_trial_study_with_two_workers_reads_well_in_a_log_file(
+    small_root, tmp_path, capsys, monkeypatch
+):
+    """Issue 25's acceptance, end to end: the run's output to a file, then the trials table, the
+    pruned trials' reasons, the dashboard note and export-best's output."""
+    import re
+    import subprocess
+    import sys
+
+    from helpers import load, write_spec
+    from optuna_dashboard import get_note
+
+    from hpo import studies
+
+    spec = write_spec(tmp_path, small_root, n_trials=6)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        command = [
+            sys.executable,
+            "-m",
+            "hpo.run",
+            "--study",
+            str(spec),
+            "--storage",
+            storage,
+            "--workers",
+            "2",
+        ]
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, timeout=600)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    started = [line for line in text.splitlines() if " started on " in line]
+    # (a trial that starts and ends between two looks of the dispatcher has its end line only)
+    assert started and all(re.search(r" started on \S+: \S+=", line) for line in started), started
+    assert re.search(r"trials/h, ETA \d+:\d\d:\d\d\]", text) and "\r" not in text
+    assert re.search(r"^wall time \d+:\d\d:\d\d for the 6 trial\(s\)", text, re.M), text
+
+    monkeypatch.chdir(tmp_path)
+    assert studies.main(["trials", "--study", str(spec), "--storage", storage, "--format", "csv"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    study = load(storage)
+    finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+    assert len(finished) == 6 and len(rows) == len(study.trials)
+    pruned = [t for t in finished if t.state.name == "PRUNED"]
+    assert pruned and all(t.user_attrs.get("pruned_why") for t in pruned)
+    assert "### Search" in get_note(study)
+
+    export = [sys.executable, "-m", "hpo.export-best", "--study", str(spec), "--storage", storage]
+    shown = subprocess.run(
+        [*export, "--out", str(tmp_path / "export")], capture_output=True, text=True, timeout=600
+    )
+    assert shown.returncode == 0, shown.stderr
+    printed = (shown.stdout + shown.stderr).splitlines()
+    assert len(printed) <= 80 and not [line for line in printed if "Warning" in line], printed
+    helped = subprocess.run(
+        [sys.executable, "-m", "hpo.run", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert "--stop plateau:N" in helped.stdout
