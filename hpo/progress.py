@@ -110,16 +110,22 @@ class Progress:
                 if before != RUNNING and Attr.CONFIG not in t.user_attrs:
                     continue  # its worker has not drawn its parameters yet: said once it has
                 if before != RUNNING:
-                    where = slot_of.get(t.user_attrs.get(Attr.WORKER, ""), "a worker")
-                    params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
-                    self.note(f"trial {t.number} started on {where}: {params} [{clock(self.elapsed())}]")
-                    self.seen[t.number] = RUNNING
+                    self.started(t, slot_of)
                 self.epoch_line(t)
             elif t.state in (COMPLETE, PRUNED, FAIL) and before != t.state:
+                if before is None and Attr.CONFIG in t.user_attrs:  # it began and ended between two looks
+                    self.started(t, slot_of)
                 self.seen[t.number] = t.state
                 progress = f"{min(now['finished'], self.target)}/{self.target} finished"
                 pace = self.pace(now["finished"])
                 self.note(f"{ended(t, self.epochs(t))} [{progress}, {self.state(trials, now)}; {pace}]")
+
+    def started(self, trial: optuna.trial.FrozenTrial, slot_of: dict[str, str]) -> None:
+        where = slot_of.get(trial.user_attrs.get(Attr.WORKER, ""), "a worker")
+        params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        self.note(f"trial {trial.number} started on {where}: {params} [{clock(self.elapsed())}]")
+        assert self.seen is not None  # events() sets it before any line
+        self.seen[trial.number] = RUNNING
 
     def epoch_line(self, trial: optuna.trial.FrozenTrial) -> None:
         if not trial.intermediate_values:

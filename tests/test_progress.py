@@ -67,6 +67,16 @@ def test_lines_carry_the_elapsed_time_the_pace_and_the_eta(clock, tmp_path):
     # 1 epoch run of the 4 the trial's config names
     assert "epochs: 1 run of the 4 that 1 finished trial(s) would have taken to the end" in text
 
+    # A trial that starts and ends between two looks still gets its start line, before its end.
+    quick = study.ask()
+    quick.suggest_float("optim.lr", 1e-4, 1e-1, log=True)
+    quick.set_user_attr(Attr.CONFIG, {"train": {"epochs": 4}})
+    quick.set_user_attr(Attr.WORKER, "w1")
+    study.tell(quick, 0.4)
+    lines.update(study, slots)
+    start, end = out.getvalue().splitlines()[3:5]
+    assert start.startswith("trial 1 started on cpu0: optim.lr=") and end.startswith("trial 1 complete:")
+
 
 def test_the_pace_counts_only_this_runs_trials(clock):
     """A run that continues a study does not claim the trials an earlier run finished."""
@@ -165,8 +175,7 @@ def test_a_six_trial_study_with_two_workers_reads_well_in_a_log_file(
     text = log.read_text()
     assert done.returncode == 0, text
     started = [line for line in text.splitlines() if " started on " in line]
-    # (a trial that starts and ends between two looks of the dispatcher has its end line only)
-    assert started and all(re.search(r" started on \S+: \S+=", line) for line in started), started
+    assert len(started) == 6 and all(re.search(r" started on \S+: \S+=", line) for line in started), started
     assert re.search(r"trials/h, ETA \d+:\d\d:\d\d\]", text) and "\r" not in text
     assert re.search(r"^wall time \d+:\d\d:\d\d for the 6 trial\(s\)", text, re.M), text
 
