@@ -425,33 +425,23 @@ def _record_pruned(
     person watching and never decide the trial: a failure here is a warning in the worker's log."""
     if artifacts is None and not trackers.live:
         return
-    try:
-        _upload_pruned(trial, cfg, artifacts, trackers, history)
-    except Exception as err:
-        log.warning("trial %d: its pruned curve was not kept: %s: %s", trial.number, type(err).__name__, err)
-
-
-def _upload_pruned(
-    trial: optuna.Trial,
-    cfg: TrainConfig,
-    artifacts: FileSystemArtifactStore | None,
-    trackers: tracking.Trackers,
-    history: list[EpochMetrics],
-) -> None:
     from maskcls import plots
 
-    with tempfile.TemporaryDirectory() as folder:
-        tmp = Path(folder)
-        epochs = [m.to_dict() for m in history]
-        files = [plots.learning_curves(epochs, tmp / "learning_curves.png")]
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        why = trial.user_attrs.get(Attr.PRUNED_WHY)
-        (tmp / "metrics.json").write_text(json.dumps({"pruned_why": why, "history": epochs}, indent=2))
-        files += [tmp / "config.json", tmp / "metrics.json"]
-        if artifacts is not None:
-            for path in files:
-                upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)
-        trackers.files(files)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            tmp = Path(folder)
+            epochs = [m.to_dict() for m in history]
+            files = [plots.learning_curves(epochs, tmp / "learning_curves.png")]
+            (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            why = trial.user_attrs.get(Attr.PRUNED_WHY)
+            (tmp / "metrics.json").write_text(json.dumps({"pruned_why": why, "history": epochs}, indent=2))
+            files += [tmp / "config.json", tmp / "metrics.json"]
+            if artifacts is not None:
+                for path in files:
+                    upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)
+            trackers.files(files)
+    except Exception as err:
+        log.warning("trial %d: its pruned curve was not kept: %s: %s", trial.number, type(err).__name__, err)
 
 
 def _artifact_files(tmp: Path, cfg: TrainConfig, result: FitResult) -> list[Path]:
