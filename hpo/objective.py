@@ -48,7 +48,7 @@ from maskcls.checkpoint import CheckpointFile
 from maskcls.config import TrainConfig
 from maskcls.infer import autocast, cpu_latency_ms
 from maskcls.labels import NUM_CLASSES, class_name
-from maskcls.metrics import confusion
+from maskcls.metrics import confusion, person_fold_f1
 from maskcls.train import (
     Diverged,
     EpochMetrics,
@@ -210,7 +210,8 @@ def make_objective(
             raise fail(trial, no_memory, OutOfMemory)
         if checkpoint is not None and checkpoint.set_aside is not None:  # found unfit when restored
             trial.set_user_attr(Attr.CHECKPOINT_SET_ASIDE, checkpoint.set_aside[:500])
-        _record(trial, cfg, result, device, artifacts, trackers)
+        val_people = data.table["person"].to_numpy()[data.val_rows]
+        _record(trial, cfg, result, device, artifacts, trackers, val_people)
         f1 = validated(result.best_val_macro_f1)
         return [f1, *measure(trial, spec.objectives[1:], result.model, cfg)] if spec.multi else f1
 
@@ -389,13 +390,16 @@ def _record(
     device: torch.device,
     artifacts: FileSystemArtifactStore | None,
     trackers: tracking.Trackers,
+    people: np.ndarray,  # of the validation images, in val_labels' order
 ) -> None:
     best = result.history[result.best_epoch - 1]
+    predicted = np.asarray(result.val_probs).argmax(1)
     for key, value in {
         Attr.BEST_EPOCH: result.best_epoch,
         Attr.PER_CLASS_F1: dict(zip(CLASS_NAMES, validated_list(best.val_per_class_f1), strict=True)),
         Attr.ATTRIBUTE_ACCURACY: best.val_attribute_accuracy,
         Attr.VAL_ACCURACY: round(validated(best.val_accuracy), 4),
+        Attr.VAL_PERSON_FOLDS: [round(f, 4) for f in person_fold_f1(result.val_labels, predicted, people)],
         Attr.IMAGES_PER_S: round(result.images_per_s, 1),
         Attr.WALL_S: round(result.wall_s, 1),
         Attr.PEAK_MEMORY_MB: round(peak_memory_mb(device), 1),

@@ -39,6 +39,7 @@ class Attr:
     PER_CLASS_F1 = "per_class_f1"  # class name -> F1 at the best epoch
     ATTRIBUTE_ACCURACY = "attribute_accuracy"  # mask, gender, age_band -> accuracy at the best epoch
     VAL_ACCURACY = "val_accuracy"
+    VAL_PERSON_FOLDS = "val_person_folds"  # macro-F1 on 5 disjoint groups of validation people: its noise
     IMAGES_PER_S = "images_per_s"
     WALL_S = "wall_s"
     PEAK_MEMORY_MB = "peak_memory_mb"

@@ -212,7 +212,7 @@ class Dispatcher:
         slots: list[Slot],
         args: WorkerArgs,
         progress: Progress,
-        rule: stopping.Plateau | None = None,
+        rule: stopping.Rule | None = None,
     ):
         self.spec, self.study, self.url, self.slots, self.args = spec, study, url, slots, args
         self.progress, self.rule = progress, rule
@@ -430,9 +430,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
     parser.add_argument(
         "--stop",
-        metavar="plateau:N",
-        help="also stop once N trials have finished (complete or pruned) since the best one, on every "
-        "machine of the study (default: only --n-trials and --timeout)",
+        metavar="RULE",
+        help="also stop, on every machine of the study: plateau:N once N trials have finished "
+        "(complete or pruned) since the best one; terminator[:N] once Optuna's Terminator finds the "
+        "regret bound below the noise of the best value (its spread over groups of validation people), "
+        "weighed from N complete trials on (default 20). Default: only --n-trials and --timeout",
     )
     add_threads_argument(
         parser,
@@ -463,7 +465,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if any(n is not None and n < 1 for n in (args.workers, args.trials_per_gpu, args.threads)):
         raise UserError("--workers, --trials-per-gpu and --threads must be at least 1")
-    args.rule = stopping.parse(args.stop)
+    stopping.parse(args.stop)  # a malformed rule is refused with the other arguments
     if not args.status_every > 0:  # NaN too
         raise UserError(f"--status-every must be a positive number of seconds, got {args.status_every}")
     return args
@@ -519,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the workers' INFO lines go to their logs
     spec = specs.load(args.study).with_data(args.data)
     check_available(args.tensorboard, args.mlflow, spec.name)  # before anything is written
+    args.rule = stopping.parse(args.stop, spec.multi)
     target = spec.n_trials if args.n_trials is None else args.n_trials
     if target < 1:
         raise UserError(f"--n-trials must be at least 1, got {target}")

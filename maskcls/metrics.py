@@ -36,3 +36,15 @@ def attribute_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
     t, p = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
     parts = {"mask": lambda c: c // 6, "gender": lambda c: c // 3 % 2, "age_band": lambda c: c % 3}
     return {name: round(float((part(t) == part(p)).mean()), 4) for name, part in parts.items()}
+
+
+def person_fold_f1(y_true: np.ndarray, y_pred: np.ndarray, person: np.ndarray, folds: int = 5) -> list[float]:
+    """Macro-F1 on each of `folds` disjoint groups of people (people in sorted order, dealt out in
+    turn): how much the validation score moves with the people it is measured on, which is the
+    noise a stopping rule weighs improvements against. Fewer folds when there are fewer people."""
+    people = np.unique(person)
+    folds = min(folds, len(people))
+    fold_of = dict(zip(people.tolist(), np.arange(len(people)) % folds, strict=True))
+    fold = np.array([fold_of[p] for p in np.asarray(person).tolist()], dtype=np.int64)
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    return [macro_f1(t[fold == k], p[fold == k]) for k in range(folds)]

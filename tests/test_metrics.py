@@ -36,3 +36,17 @@ def test_attribute_accuracy_tells_which_part_of_the_class_was_wrong():
         "age_band": 0.5,
     }
     assert attribute_accuracy(np.array([0]), np.array([6])) == {"mask": 0.0, "gender": 1.0, "age_band": 1.0}
+
+
+def test_person_folds_score_disjoint_groups_of_people():
+    from maskcls.metrics import macro_f1, person_fold_f1
+
+    person = np.array(["p3", "p1", "p2", "p1", "p4", "p3", "p2", "p5", "p6"])
+    y_true = np.array([0, 1, 2, 1, 3, 0, 2, 4, 5])
+    y_pred = np.array([0, 1, 0, 1, 3, 1, 2, 4, 0])
+    folds = person_fold_f1(y_true, y_pred, person, folds=3)
+    # sorted people p1..p6 dealt out in turn: {p1, p4}, {p2, p5}, {p3, p6}
+    groups = [{"p1", "p4"}, {"p2", "p5"}, {"p3", "p6"}]
+    expected = [macro_f1(y_true[np.isin(person, list(g))], y_pred[np.isin(person, list(g))]) for g in groups]
+    assert folds == expected and len(set(folds)) > 1
+    assert len(person_fold_f1(y_true[:2], y_pred[:2], person[:2], folds=5)) == 2  # fewer people than folds

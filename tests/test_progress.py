@@ -199,4 +199,5 @@ def test_a_six_trial_study_with_two_workers_reads_well_in_a_log_file(
     helped = subprocess.run(
         [sys.executable, "-m", "hpo.run", "--help"], capture_output=True, text=True, timeout=120
     )
-    assert "--stop plateau:N" in helped.stdout
+    rules = " ".join(helped.stdout.split())
+    assert "--stop RULE also stop" in rules and "plateau:N" in rules and "terminator[:N]" in rules

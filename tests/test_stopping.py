@@ -1,13 +1,17 @@
-"""`hpo.run --stop plateau:N`: the rule on made studies (no training), its refusals, and one real
-run that it stops, which a second run of the same command then leaves stopped."""
+"""`hpo.run --stop plateau:N` and `--stop terminator[:N]`: the rules on made studies (no
+training), their refusals, and real runs that they stop, which a second run of the same command
+then leaves stopped."""
 
 import datetime
+import warnings
 
+import numpy as np
 import optuna
 import pytest
 from helpers import finish, hpo_run, storage_at, write_spec
 
-from hpo.stopping import Plateau, parse
+from hpo.protocol import Attr
+from hpo.stopping import Plateau, Terminator, noise, parse
 from maskcls.errors import UserError
 
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
@@ -41,11 +45,71 @@ def test_plateau_counts_finished_trials_since_the_best_in_the_order_they_finishe
     assert Plateau(1).reason(study_of([0.2, 0.5], direction="minimize")) is not None
 
 
+def study_with_noise(values, folds):
+    """Complete trials of a 2-parameter space with the given values, each with `folds` as its
+    macro-F1 over groups of validation people."""
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    space = {
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "dropout": optuna.distributions.FloatDistribution(0.0, 0.5),
+    }
+    rng = np.random.default_rng(0)
+    for value in values:
+        params = {"lr": float(10 ** rng.uniform(-4, -1)), "dropout": float(rng.uniform(0, 0.5))}
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=value, params=params, distributions=space, user_attrs={Attr.VAL_PERSON_FOLDS: folds}
+            )
+        )
+    return study
+
+
+def test_the_noise_is_optunas_cross_validation_error_of_the_person_folds():
+    folds = [0.31, 0.52, 0.44, 0.61, 0.38]
+    trial = optuna.trial.create_trial(
+        value=0.45,
+        user_attrs={Attr.VAL_PERSON_FOLDS: folds},
+        system_attrs={"terminator:cv_scores": folds},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from optuna.terminator import CrossValidationErrorEvaluator
+
+        theirs = CrossValidationErrorEvaluator().evaluate([trial], optuna.study.StudyDirection.MAXIMIZE)
+    assert noise(trial) == pytest.approx(theirs)
+    assert noise(optuna.trial.create_trial(value=0.4)) is None  # a trial recorded before the folds
+    assert noise(optuna.trial.create_trial(value=0.4, user_attrs={Attr.VAL_PERSON_FOLDS: [0.4]})) is None
+
+
+def test_the_terminator_stops_when_the_values_differ_less_than_the_noise(recwarn):
+    rng = np.random.default_rng(1)
+    flat = list(0.5 + 0.002 * rng.standard_normal(12))
+    spread = list(rng.uniform(0.1, 0.9, 12))
+    noisy, exact = [0.3, 0.7, 0.45, 0.55, 0.5], [0.5, 0.5001, 0.4999, 0.5, 0.5]
+    why = Terminator(10).reason(study_with_noise(flat, noisy))
+    assert why is not None and why.startswith("terminator: the regret bound ")
+    assert why.endswith("over 5 groups of validation people) after 12 complete trials (--stop terminator:10)")
+    assert Terminator(10).reason(study_with_noise(spread, exact)) is None  # room left, little noise
+    assert Terminator(13).reason(study_with_noise(flat, noisy)) is None  # too few complete trials
+    assert Terminator(10).reason(study_with_noise(flat, [])) is None  # no folds recorded: no decision
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]  # Optuna's deprecation
+
+
+def test_rules_parse():
+    assert parse("plateau:3") == Plateau(3)
+    assert parse("terminator") == Terminator(20)
+    assert parse("terminator:5") == Terminator(5)
+    with pytest.raises(UserError, match="^--stop terminator weighs one objective"):
+        parse("terminator", multi=True)
+
+
 @pytest.mark.parametrize(
-    "text", ["plateau", "plateau:0", "plateau:-1", "plateau:x", "terminator", "Plateau:3"]
+    "text",
+    ["plateau", "plateau:0", "plateau:-1", "plateau:x", "Plateau:3"]
+    + ["terminator:1", "terminator:", "terminator:x"],
 )
 def test_a_bad_rule_is_one_error(text):
-    with pytest.raises(UserError, match="--stop takes plateau:N"):
+    with pytest.raises(UserError, match=r"^--stop takes plateau:N \(N >= 1 finished trials\) or terminator"):
         parse(text)
 
 
@@ -59,7 +123,8 @@ def test_hpo_run_refuses_a_bad_rule_in_one_line(capsys, tmp_path, small_root):
     assert end.value.code == 2
     assert (
         capsys.readouterr().err
-        == "error: --stop takes plateau:N with N >= 1 finished trials, got 'plateau:0'\n"
+        == "error: --stop takes plateau:N (N >= 1 finished trials) or terminator[:N] (N >= 2 complete "
+        "trials), got 'plateau:0'\n"
     )
     assert not (tmp_path / "runs").exists()
 
@@ -92,3 +157,46 @@ def test_a_plateau_stops_the_run_a_second_run_starts_no_trial_and_add_runs_one_m
     code, out, err = finish(hpo_run(spec, storage, *args[:2], *args[4:], "--add", "1", cwd=tmp_path))
     more = len(finished) + 1
     assert code == 0 and f"study t: {more}/{more} finished" in out, err
+
+
+@pytest.mark.slow
+def test_the_terminator_stops_a_search_with_no_room_left_and_a_rerun_starts_nothing(small_root, tmp_path):
+    """Every trial trains the same recipe (lr within 1e-7 of 3e-3, 1 epoch), so two complete trials
+    leave the Gaussian process no room above the best value: a regret bound of about 0, below the
+    noise that the trials themselves recorded over groups of validation people."""
+    same = {
+        "train.epochs": {"type": "categorical", "choices": [1]},
+        "optim.lr": {"type": "float", "low": 3e-3, "high": 3.0001e-3},
+    }
+    spec = write_spec(tmp_path, small_root, n_trials=8, pruner={"name": "none"}, enqueue=[], space=same)
+    storage = f"sqlite:///{tmp_path / 'stop.db'}"
+    args = ("--workers", "1", "--stop", "terminator:2", "--artifacts", str(tmp_path / "artifacts"))
+    code, out, err = finish(hpo_run(spec, storage, *args, cwd=tmp_path))
+    assert code == 0, err
+    study = optuna.load_study(study_name="t", storage=storage_at(storage))
+    complete = [t for t in study.trials if t.state == COMPLETE]
+    assert 2 <= len(complete) <= 3, err  # the one running when the rule fired may end first
+    assert all(len(t.user_attrs[Attr.VAL_PERSON_FOLDS]) == 5 for t in complete)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    lines = [x for x in err.splitlines() if "stopping: terminator: the regret bound" in x]
+    assert len(lines) == 1 and "after 2 complete trials (--stop terminator:2)" in lines[0], err
+    assert "FutureWarning" not in err + out
+
+    code, out, err = finish(hpo_run(spec, storage, *args, cwd=tmp_path))
+    assert code == 0 and "not starting: terminator: the regret bound" in err, err
+    again = optuna.load_study(study_name="t", storage=storage_at(storage))
+    assert len([t for t in again.trials if t.state == COMPLETE]) == len(complete)
+
+
+def test_hpo_run_refuses_the_terminator_for_several_objectives(capsys, tmp_path, small_root):
+    from hpo.run import main
+    from maskcls.cli import run_main
+
+    spec = write_spec(tmp_path, small_root, objectives=["val_macro_f1", "params_m"], pruner={"name": "none"})
+    with pytest.raises(SystemExit) as end:
+        run_main(main, ["--study", str(spec), "--stop", "terminator"])
+    assert end.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --stop terminator weighs one objective; this study has several: use plateau:N\n"
+    )
+    assert not (tmp_path / "runs").exists()
