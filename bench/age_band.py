@@ -27,13 +27,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from optuna.artifacts import FileSystemArtifactStore  # noqa: E402
+
 from hpo import spec as specs  # noqa: E402
 from hpo.export_best import retrain  # noqa: E402
-from hpo.protocol import Attr, ranked  # noqa: E402
+from hpo.protocol import artifacts_dir, ranked  # noqa: E402
+from hpo.record import Recipes  # noqa: E402
 from hpo.storage import open_storage, resolve_url  # noqa: E402
 from maskcls import models  # noqa: E402
 from maskcls.calibrate import fit_biases  # noqa: E402
-from maskcls.config import TrainConfig  # noqa: E402
 from maskcls.data.layout import scan_eval  # noqa: E402
 from maskcls.data.synth import generate  # noqa: E402
 from maskcls.labels import NUM_CLASSES, AgeBand, decode  # noqa: E402
@@ -57,7 +59,8 @@ def main() -> int:
     spec = specs.load(args.study)
     study = optuna.load_study(study_name=spec.name, storage=open_storage(resolve_url(args.storage, spec)))
     trial = ranked(study)[0]
-    cfg = TrainConfig.from_dict(trial.user_attrs[Attr.CONFIG])
+    store = FileSystemArtifactStore(str(artifacts_dir(None, spec.runs_dir)))
+    cfg = Recipes(spec.base, store, study._storage)(trial)
     configure_cpu()
     with tempfile.TemporaryDirectory() as folder:
         size = spec.synth.size if spec.synth else (384, 512)

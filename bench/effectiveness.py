@@ -307,19 +307,25 @@ def run_seed(seed: Seed, searches: Sequence[str]) -> None:
         seed.epochs[name] = sum(len(t.intermediate_values) for t in study.get_trials(deepcopy=False))
     seed.save()
     for arm, study in studies.items():
-        top = best_distinct(study)
-        members = [scorer.probs(f"{arm}-trial{t.number}", lambda t=t: single(t, scorer.device)) for t in top]
+        recipe = recipes_of(seed, arm)
+        top = best_distinct(study, recipe)
+        cfgs = [recipe(t) for t in top]
+        members = [
+            scorer.probs(f"{arm}-trial{t.number}", lambda t=t, cfg=cfg: single(cfg, t, scorer.device))
+            for t, cfg in zip(top, cfgs, strict=True)
+        ]
         seed.record(arm, scorer.f1(members[0]))
         for k in TOP_KS:
             seed.record(f"{arm} top-{k}", scorer.f1(np.mean(members[:k], axis=0)))
     if "shipped" not in studies:
         return
     best = top_trial(studies["shipped"])
-    folds = scorer.probs(f"shipped-trial{best.number}-folds", lambda: k_folds(best, scorer.device))
+    cfg = recipes_of(seed, "shipped")(best)
+    folds = scorer.probs(f"shipped-trial{best.number}-folds", lambda: k_folds(cfg, best, scorer.device))
     seed.record(f"shipped folds-{FOLDS}", scorer.f1(folds))
     biases = seed.dir / "probs" / f"shipped-trial{best.number}-holdout-biases.json"
     holdout = scorer.probs(
-        f"shipped-trial{best.number}-holdout", lambda: on_split(best, biases, scorer.device)
+        f"shipped-trial{best.number}-holdout", lambda: on_split(cfg, best, biases, scorer.device)
     )
     seed.record("shipped holdout", scorer.f1(holdout, json.loads(biases.read_text())))
 
@@ -333,36 +339,36 @@ def baseline(seed: Seed) -> list:
     return [(quiet(fit, cfg, load_data(cfg, progress=False).everyone()).model, cfg)]
 
 
-def recipe(trial):
-    from hpo.protocol import Attr
-    from maskcls.config import TrainConfig
+def recipes_of(seed: Seed, arm: str):
+    """The arm's trials' configs: its spec with each trial's parameters, checked against the key
+    the trial recorded (hpo.record)."""
+    from hpo import spec as specs
+    from hpo.record import Recipes
 
-    return TrainConfig.from_dict(trial.user_attrs[Attr.CONFIG])
+    return Recipes(specs.load(str(seed.spec(arm))).base, None)
 
 
-def single(trial, device) -> list:
+def single(cfg, trial, device) -> list:
     """`export-best --trial N`: all training people, the epochs at which the trial peaked."""
     from hpo.export_best import retrain
 
-    cfg = recipe(trial)
     return [(quiet(retrain, cfg, trial, False, None, device).members[0], cfg)]
 
 
-def k_folds(trial, device) -> list:
+def k_folds(cfg, trial, device) -> list:
     """`export-best --folds 3 --calibrate none` (decision biases: the holdout arm measures them)."""
     from hpo.export_best import retrain
 
-    done = quiet(retrain, recipe(trial), trial, False, FOLDS, device)
+    done = quiet(retrain, cfg, trial, False, FOLDS, device)
     return [(m, done.config) for m in done.members]
 
 
-def on_split(trial, biases: Path, device) -> list:
+def on_split(cfg, trial, biases: Path, device) -> list:
     """`export-best --holdout`: the trial's own split; decision biases fitted on its validation
     people, kept (in `biases`) only where their held-back check passed, as the export does."""
     from hpo.export_best import retrain
     from maskcls.calibrate import fit_biases
 
-    cfg = recipe(trial)
     done = quiet(retrain, cfg, trial, True, None, device)
     fitted = fit_biases(np.asarray(done.val_labels), np.asarray(done.val_probs))
     tmp = biases.with_suffix(".tmp")
@@ -377,14 +383,14 @@ def top_trial(study):
     return pick_trial(study, None)
 
 
-def best_distinct(study) -> list:
+def best_distinct(study, recipe) -> list:
     """`export-best --top-k 5`'s members, or all the distinct complete recipes when fewer."""
     from hpo.export_best import distinct_top
     from maskcls.errors import UserError
 
     for k in range(max(TOP_KS), 0, -1):
         try:
-            return quiet(distinct_top, study, k)
+            return quiet(distinct_top, study, k, recipe)
         except UserError:
             continue
     raise SystemExit(f"study {study.study_name} has no complete trial")

@@ -37,6 +37,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from hpo import note
 from hpo import spec as specs
 from hpo.protocol import Attr, artifacts_dir, export_dir, quiet_experimental, ranked
+from hpo.record import Recipes, has_recipe
 from hpo.storage import FINISHED, masked, open_storage, resolve_url
 from maskcls import plots
 from maskcls.calibrate import Calibration, fit_biases
@@ -94,24 +95,26 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
         trial = found[0]
         if trial.state not in FINISHED:
             raise UserError(f"trial {number} is {trial.state.name}; export a complete or pruned trial")
-    if Attr.CONFIG not in trial.user_attrs:
-        raise UserError(f"trial {trial.number} has no stored config (was it run by hpo.run?)")
+    if not has_recipe(trial):
+        raise UserError(f"trial {trial.number} has no stored recipe (was it run by hpo.run?)")
     return trial
 
 
-def distinct_top(study: optuna.Study, k: int, exactly: bool = True) -> list[optuna.trial.FrozenTrial]:
+def distinct_top(
+    study: optuna.Study, k: int, recipes: Recipes, exactly: bool = True
+) -> list[optuna.trial.FrozenTrial]:
     """The k best complete trials with different parameters and the best one's preprocessing
     (fewer when the study has fewer and not `exactly`)."""
     chosen: list[optuna.trial.FrozenTrial] = []
     seen, passed_over = set(), []
     for trial in ranked(study):
-        if Attr.CONFIG not in trial.user_attrs:
+        if not has_recipe(trial):
             continue
         recipe = json.dumps(trial.params, sort_keys=True)
         if recipe in seen:
             continue
         seen.add(recipe)
-        if chosen and preprocessing_of(trial) != preprocessing_of(chosen[0]):
+        if chosen and preprocessing_of(recipes(trial)) != preprocessing_of(recipes(chosen[0])):
             passed_over.append(trial.number)
             continue
         chosen.append(trial)
@@ -131,14 +134,14 @@ def distinct_top(study: optuna.Study, k: int, exactly: bool = True) -> list[optu
     return chosen
 
 
-def default_trials(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
+def default_trials(study: optuna.Study, top_k: int, recipes: Recipes) -> list[optuna.trial.FrozenTrial]:
     """No --trial, --top-k or --folds: the spec's `export.top_k` best distinct recipes, or as many
     as the study has (the single best trial when that is one)."""
     if top_k == 1:
         return [pick_trial(study, None)]
     if not ranked(study):
         pick_trial(study, None)  # the one message for a study without a finished trial
-    trials = distinct_top(study, top_k, exactly=False)
+    trials = distinct_top(study, top_k, recipes, exactly=False)
     if len(trials) < top_k:
         print(
             f"the spec's export.top_k is {top_k}; study {study.study_name} has {len(trials)} complete "
@@ -183,9 +186,9 @@ def pick_tradeoff(
     )
 
 
-def preprocessing_of(trial: optuna.trial.FrozenTrial) -> tuple:
+def preprocessing_of(recipe: TrainConfig) -> tuple:
     """What an ensemble's members must share: one input tensor for them all."""
-    cfg = TrainConfig.from_dict(trial.user_attrs[Attr.CONFIG]).data
+    cfg = recipe.data
     crop = (cfg.crop, cfg.face_boxes, cfg.face_margin) if cfg.crop == "face" else (cfg.crop,)
     return cfg.image_size, cfg.center_crop, *crop
 
@@ -498,18 +501,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"no study {quoted(spec.name)} in {masked(url)}; run `python -m hpo.run --study {args.study}`"
         ) from None
     picked = None
+    artifacts = artifacts_dir(args.artifacts, spec.runs_dir)
+    store = FileSystemArtifactStore(str(artifacts)) if artifacts.is_dir() else None
+    recipes = Recipes(spec.base, store, study._storage)
     if args.pick or (len(study.directions) > 1 and args.trial is None and not args.top_k):
         trial, picked = pick_tradeoff(study, spec.objectives, args.pick or "best-f1")
         trials = [trial]
     elif args.top_k:
-        trials = distinct_top(study, args.top_k)
+        trials = distinct_top(study, args.top_k, recipes)
     elif args.trial is not None or args.folds:
         trials = [pick_trial(study, args.trial)]
     else:
-        trials = default_trials(study, spec.top_k)
+        trials = default_trials(study, spec.top_k, recipes)
     if picked:
         print(f"picked {picked}", file=sys.stderr)
-    cfgs = [TrainConfig.from_dict(t.user_attrs[Attr.CONFIG]) for t in trials]
+    cfgs = [recipes(t) for t in trials]
     if args.data:
         cfgs = [c.override({"data.root": str(Path(args.data).expanduser())}) for c in cfgs]
     if os.environ.get("HPO_CACHE"):  # this machine's cache, not the one the trial's machine used
@@ -534,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures = complete(
             tmp, cfgs[0].data.root, device, export_info(study, trials, cfgs[0], done, tmp, picked)
         )
-    record(study, trials, done, out, figures, artifacts_dir(args.artifacts, spec.runs_dir))
+    record(study, trials, done, out, figures, artifacts)
     print(outcome(done, figures, out))
     return 0
 

@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import resource
-import socket
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -26,13 +25,12 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from hpo import space, tracking
+from hpo import record, space, tracking
 from hpo.failures import (
     CudaPoisoned,
     DiskFull,
     NotTheRecipe,
     OutOfMemory,
-    Surplus,
     TrialFailed,
     WaitedForMemory,
     WorkerStops,
@@ -41,7 +39,8 @@ from hpo.failures import (
     out_of_memory,
 )
 from hpo.outage import StorageUnreachable
-from hpo.protocol import INTERRUPTED, Attr, worker_id
+from hpo.protocol import INTERRUPTED, Attr
+from hpo.record import fail, pruned
 from hpo.spec import StudySpec
 from maskcls import memory
 from maskcls.checkpoint import CheckpointFile
@@ -63,21 +62,6 @@ from maskcls.train import (
 log = logging.getLogger(__name__)
 CLASS_NAMES = [class_name(c) for c in range(NUM_CLASSES)]  # the competition's cutoffs, as scored
 MEMORY_WAIT_S = 3600  # how long a trial waits for GPU memory held by the trials beside it
-ACTIVE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
-
-
-def fail(trial: optuna.Trial, reason: str, kind: type[TrialFailed] = TrialFailed) -> TrialFailed:
-    """The failure `kind` with its reason, recorded on the trial."""
-    trial.set_user_attr(Attr.FAIL_REASON, reason)
-    return kind(reason)
-
-
-def refuse_surplus(trial: optuna.Trial, target: int) -> None:
-    """Workers that ask at the same moment may start more trials than the target: the trials
-    with the lowest numbers keep their slots, a later one fails at once without training."""
-    ahead = [t for t in trial.study.get_trials(deepcopy=False, states=ACTIVE) if t.number < trial.number]
-    if len(ahead) >= target:
-        raise fail(trial, f"surplus: {target} trials were already finished or running", Surplus)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -164,15 +148,10 @@ def make_objective(
         return value
 
     def run(trial: optuna.Trial, checkpoint: CheckpointFile | None) -> float | list[float]:
-        trial.set_user_attr(Attr.WORKER, worker_id())
-        refuse_surplus(trial, target)
+        record.claim(trial, target)
         cfg = spec.base.override(space.suggest(trial, spec.params))
-        trial.set_user_attr(Attr.CONFIG, cfg.to_dict())
-        trial.set_user_attr(
-            Attr.DEVICE, str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
-        )
-        trial.set_user_attr(Attr.HOST, socket.gethostname())
-        trial.set_user_attr(Attr.THREADS, torch.get_num_threads())  # export --holdout reproduces with it
+        name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+        record.start(trial, cfg, name, torch.get_num_threads(), artifacts)
         data = load_data(cfg, progress=False)
         if device.type == "cuda":
             hold_gpu_memory(trial, cfg, device_image_count(cfg, data), device)
@@ -261,28 +240,6 @@ def reporter(
             raise stop
 
     return on_epoch
-
-
-def pruned(trial: optuna.Trial, epoch: int, score: float) -> optuna.TrialPruned:
-    """Why the pruner stopped the trial, recorded on it (Attr.PRUNED_WHY) for the run's line, the
-    dashboard and `studies trials`: its value against the trials that reached the same epoch
-    (pruners differ in their rule, but every one compares there)."""
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    others = [
-        t.intermediate_values[epoch]
-        for t in trial.study.get_trials(deepcopy=False, states=finished)
-        if epoch in t.intermediate_values
-    ]
-    why = f"val macro-F1 {score:.4f}"
-    if others:
-        rank = 1 + sum(v > score for v in others)
-        why += (
-            f", rank {rank} of {len(others) + 1} trials at epoch {epoch} "
-            f"(median {float(np.median(others)):.4f}, best {max(others):.4f})"
-        )
-    why += f"; {type(trial.study.pruner).__name__}"
-    trial.set_user_attr(Attr.PRUNED_WHY, why)
-    return optuna.TrialPruned(f"pruned after epoch {epoch}: {why}")
 
 
 def continue_from(
@@ -394,27 +351,32 @@ def _record(
 ) -> None:
     best = result.history[result.best_epoch - 1]
     predicted = np.asarray(result.val_probs).argmax(1)
-    for key, value in {
-        Attr.BEST_EPOCH: result.best_epoch,
-        Attr.PER_CLASS_F1: dict(zip(CLASS_NAMES, validated_list(best.val_per_class_f1), strict=True)),
-        Attr.ATTRIBUTE_ACCURACY: best.val_attribute_accuracy,
-        Attr.VAL_ACCURACY: round(validated(best.val_accuracy), 4),
-        Attr.VAL_PERSON_FOLDS: [round(f, 4) for f in person_fold_f1(result.val_labels, predicted, people)],
-        Attr.IMAGES_PER_S: round(result.images_per_s, 1),
-        Attr.WALL_S: round(result.wall_s, 1),
-        Attr.PEAK_MEMORY_MB: round(peak_memory_mb(device), 1),
-        Attr.STOP_REASON: result.stop_reason,
-        Attr.FACE_FALLBACKS: result.face_fallbacks,
-    }.items():
-        trial.set_user_attr(key, value)
+    record.end(
+        trial,
+        best_epoch=result.best_epoch,
+        per_class_f1=dict(zip(CLASS_NAMES, validated_list(best.val_per_class_f1), strict=True)),
+        attribute_accuracy=best.val_attribute_accuracy,
+        val_accuracy=validated(best.val_accuracy),
+        person_folds=person_fold_f1(result.val_labels, predicted, people),
+        images_per_s=result.images_per_s,
+        wall_s=result.wall_s,
+        peak_memory_mb=peak_memory_mb(device),
+        stop_reason=result.stop_reason,
+        face_fallbacks=result.face_fallbacks,
+    )
     if artifacts is None and not trackers.live:
         return
     with tempfile.TemporaryDirectory() as folder:
         files = _artifact_files(Path(folder), cfg, result)
-        if artifacts is not None:
-            for path in files:
-                upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)
+        _upload(artifacts, trial, files)
         trackers.files(files)
+
+
+def _upload(artifacts: FileSystemArtifactStore | None, trial: optuna.Trial, files: list[Path]) -> None:
+    """A trial's files into the artifact store; its config.json is there since it started."""
+    for path in files:
+        if artifacts is not None and path.name != record.CONFIG_FILE:
+            upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)
 
 
 def _record_pruned(
@@ -440,9 +402,7 @@ def _record_pruned(
             why = trial.user_attrs.get(Attr.PRUNED_WHY)
             (tmp / "metrics.json").write_text(json.dumps({"pruned_why": why, "history": epochs}, indent=2))
             files += [tmp / "config.json", tmp / "metrics.json"]
-            if artifacts is not None:
-                for path in files:
-                    upload_artifact(artifact_store=artifacts, file_path=str(path), study_or_trial=trial)
+            _upload(artifacts, trial, files)
             trackers.files(files)
     except Exception as err:
         log.warning("trial %d: its pruned curve was not kept: %s: %s", trial.number, type(err).__name__, err)

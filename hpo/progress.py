@@ -17,6 +17,7 @@ import optuna
 from tqdm import tqdm
 
 from hpo.protocol import Attr, artifacts_dir, ranked
+from hpo.record import has_recipe
 from hpo.spec import StudySpec
 from hpo.storage import counts, masked, resolve_url, tally
 from maskcls import specfiles
@@ -107,13 +108,13 @@ class Progress:
         for t in trials:
             before = self.seen.get(t.number)
             if t.state == RUNNING:
-                if before != RUNNING and Attr.CONFIG not in t.user_attrs:
+                if before != RUNNING and not has_recipe(t):
                     continue  # its worker has not drawn its parameters yet: said once it has
                 if before != RUNNING:
                     self.started(t, slot_of)
                 self.epoch_line(t)
             elif t.state in (COMPLETE, PRUNED, FAIL) and before != t.state:
-                if before is None and Attr.CONFIG in t.user_attrs:  # it began and ended between two looks
+                if before is None and has_recipe(t):  # it began and ended between two looks
                     self.started(t, slot_of)
                 self.seen[t.number] = t.state
                 progress = f"{min(now['finished'], self.target)}/{self.target} finished"
@@ -179,7 +180,9 @@ class Progress:
 
 def epochs_of(trial: optuna.trial.FrozenTrial, spec: StudySpec) -> int:
     """The trial's own epoch count (it may be searched), else the spec's."""
-    config = trial.user_attrs.get(Attr.CONFIG) or {}
+    if Attr.EPOCHS in trial.user_attrs:
+        return int(trial.user_attrs[Attr.EPOCHS])
+    config = trial.user_attrs.get(Attr.CONFIG) or {}  # a study recorded before the light record
     return int(config.get("train", {}).get("epochs", spec.base.train.epochs))
 
 

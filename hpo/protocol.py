@@ -30,7 +30,9 @@ class Attr:
     HOST = "host"
     DEVICE = "device"  # "cpu" or the GPU's name
     THREADS = "threads"  # CPU threads; export --holdout reproduces a CPU trial with them
-    CONFIG = "config"  # the resolved TrainConfig as a dict: export rebuilds the recipe from it
+    RECIPE = "recipe"  # the key of the resolved TrainConfig, whose whole is the config.json artifact
+    EPOCHS = "epochs"  # the trial's train.epochs
+    CONFIG = "config"  # the whole TrainConfig, as studies before the light record kept it (hpo.record)
     FAIL_REASON = "fail_reason"
     RETRIED_FROM = "retried_from"  # on a re-queued trial: the number of the trial it retries
     RESUMED_AT = "resumed_at_epoch"  # the epoch of the checkpoint a retried trial continued from

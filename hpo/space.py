@@ -118,9 +118,9 @@ def _storable(value: Any) -> Any:
     return "x".join(map(str, value)) if isinstance(value, tuple) else value
 
 
-def config_value(param: Param, value: Any) -> Any:
+def config_value(path: str, value: Any) -> Any:
     """The TrainConfig value of a stored Optuna value (undoes `_storable`)."""
-    if isinstance(value, str) and get_origin(field_type(param.path)) is tuple:
+    if isinstance(value, str) and get_origin(field_type(path)) is tuple:
         return [int(v) for v in value.split("x")]
     return value
 
@@ -155,7 +155,12 @@ def suggest(trial: optuna.Trial, params: list[Param]) -> dict[str, Any]:
     for param in params:
         if param.active(chosen):
             chosen[param.path] = param.suggest(trial)
-    return {p.path: config_value(p, chosen[p.path]) for p in params if p.path in chosen}
+    return {p.path: config_value(p.path, chosen[p.path]) for p in params if p.path in chosen}
+
+
+def overrides(params: Mapping[str, Any]) -> dict[str, Any]:
+    """TrainConfig overrides of a trial's stored parameters: what `suggest` returned for it."""
+    return {path: config_value(path, value) for path, value in params.items()}
 
 
 def check_recipe(recipe: Any, params: list[Param], where: str) -> dict[str, Any]:
@@ -169,7 +174,7 @@ def check_recipe(recipe: Any, params: list[Param], where: str) -> dict[str, Any]
         if param is None:
             raise UserError(f"{where}: {quoted(path)} is not in the space (space: {', '.join(by_path)})")
         try:
-            value = _storable(check_value(path, config_value(param, value)))
+            value = _storable(check_value(path, config_value(path, value)))
         except (ConfigError, ValueError) as err:
             raise UserError(f"{where}: {path}: {err}") from None
         if param.type == "categorical" and value not in param.choices:

@@ -370,3 +370,13 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+MACHINE_LOCAL = ("root", "cache_dir")  # data keys that name folders of the machine that trained it
+
+
+def portable(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe without this machine's folders: where it re-runs, --data (or a spec) names the
+    data and the decoded images go to that machine's default cache."""
+    return {group: {k: v for k, v in values.items() if group != "data" or k not in MACHINE_LOCAL}
+            for group, values in recipe.items()}  # fmt: skip

@@ -35,6 +35,7 @@ from torch import nn
 
 from maskcls import plots
 from maskcls.cli import HelpFormatter, prog, run_main
+from maskcls.config import portable
 from maskcls.data import cache
 from maskcls.data.augment import Normalize, to_input
 from maskcls.data.layout import scan, scan_eval
@@ -178,16 +179,6 @@ def complete(model_dir: Path, data_root: str, device: torch.device, info: Export
     (model_dir / "report.md").write_text(report(info, figures))
     write_recipe(model_dir / "recipe.yaml", info.recipe or cfg.to_dict(), info.origin or info.title)
     return figures
-
-
-MACHINE_LOCAL = ("root", "cache_dir")  # data keys that name folders of the machine that trained it
-
-
-def portable(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The recipe without this machine's folders: where it re-runs, --data (or a spec) names the
-    data and the decoded images go to that machine's default cache."""
-    return {group: {k: v for k, v in values.items() if group != "data" or k not in MACHINE_LOCAL}
-            for group, values in recipe.items()}  # fmt: skip
 
 
 def write_recipe(path: Path, recipe: dict[str, Any], origin: str) -> Path:

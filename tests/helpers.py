@@ -79,6 +79,18 @@ def finish(proc, timeout=300):
     return proc.returncode, out, err
 
 
+def recipe_of(trial, spec, artifacts=None, storage=None) -> dict:
+    """The trial's whole config as hpo.export-best reads it: its config.json artifact in
+    `artifacts`, else the spec with its parameters (hpo.record.config_of)."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from hpo import spec as specs
+    from hpo.record import config_of
+
+    store = FileSystemArtifactStore(str(artifacts)) if artifacts is not None else None
+    return config_of(trial, specs.load(str(spec)).base, store, storage).to_dict()
+
+
 @functools.cache
 def storage_at(url):
     """One storage (one connection pool) per URL for the whole test session: tests poll a study

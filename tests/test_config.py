@@ -90,7 +90,7 @@ def test_bad_files(tmp_path):
 
 def test_train_says_where_its_config_came_from(tmp_path):
     """An export's recipe.yaml leaves out the machine's folders: the run says what it took instead."""
-    from maskcls.export import portable
+    from maskcls.config import portable
     from maskcls.train import config_sources
 
     recipe = tmp_path / "recipe.yaml"

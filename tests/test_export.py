@@ -15,13 +15,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import recipe_of
 
 from hpo import spec as specs
 from hpo.storage import open_storage
+from maskcls.config import portable
 from maskcls.data import cache
 from maskcls.data.augment import Normalize, to_input
 from maskcls.data.layout import scan_eval
-from maskcls.export import portable
 from maskcls.metrics import macro_f1
 from maskcls.rundir import load_run
 
@@ -181,7 +182,7 @@ def test_the_exports_recipe_yaml_reruns_the_trial_and_is_a_specs_fixed_values(ex
     study = optuna.load_study(study_name="t", storage=open_storage(storage))
     trial = next(t for t in study.trials if t.number == study.user_attrs["export"]["trial"])
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    config = trial.user_attrs["config"]
+    config = recipe_of(trial, spec, tmp / "artifacts", study._storage)
     # The trial's recipe, less the folders of the machine that ran it.
     assert recipe == portable(config) and "root" not in recipe["data"] and "cache_dir" not in recipe["data"]
     elsewhere = tmp_path / "elsewhere"  # another machine's working folder: nothing of the study's
@@ -212,7 +213,9 @@ def test_the_report_shows_the_study_the_recipe_and_what_each_figure_was_measured
         report.split("## Complete recipe (fixed and searched values)")[1].split("```json")[1].split("```")[0]
     )
     trial = next(t for t in study.trials if t.number == study.user_attrs["export"]["trial"])
-    assert json.loads(recipe) == trial.user_attrs["config"]  # the trial's recipe, not the retrain's
+    assert json.loads(recipe) == recipe_of(
+        trial, spec, tmp / "artifacts", study._storage
+    )  # the trial's, not the retrain's
     images = len(pd.read_csv(small_root / "eval" / "gt.csv"))
     assert f"| the data root's eval set: {images} images (about {images // 7} people) |" in report
     assert (

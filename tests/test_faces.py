@@ -13,7 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from helpers import finish, hpo_run, storage_at, write_spec
+from helpers import finish, hpo_run, recipe_of, storage_at, write_spec
 from helpers import load as load_study
 from PIL import Image
 
@@ -238,7 +238,7 @@ def test_hpo_run_crops_faces_and_a_table_that_does_not_fit_stops_it_before_any_t
     assert code == 0, err
     trials = load_study(storage).trials
     assert len(trials) == 2 and all(t.user_attrs["face_crop_fallbacks"] == 0 for t in trials)
-    assert all(t.user_attrs["config"]["data"]["crop"] == "face" for t in trials)
+    assert all(recipe_of(t, spec)["data"]["crop"] == "face" for t in trials)
 
     spec_values["study"] = "broken"
     spec_values["fixed"]["data.face_boxes"] = str(tmp_path / "nowhere.csv")

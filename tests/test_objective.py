@@ -78,7 +78,8 @@ def test_out_of_memory_fails_the_trial_and_the_next_one_runs(spec, monkeypatch):
 def test_a_pruned_trial_records_why_keeps_its_curve_and_its_line_says_it(tmp_path):
     """Its value against the trials that reached the same epoch, and the pruner: on the trial
     (the dashboard, `studies trials`) and in hpo.run's line; its learning curve to the epoch it was
-    stopped at, its config and that history are artifacts, as a complete trial's are."""
+    stopped at and that history are artifacts, as a complete trial's are (its config.json has been
+    one since it started: hpo.record.start)."""
     import functools
 
     from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
@@ -108,7 +109,7 @@ def test_a_pruned_trial_records_why_keeps_its_curve_and_its_line_says_it(tmp_pat
     frozen = study.trials[-1]
     assert frozen.user_attrs[Attr.PRUNED_WHY] == why
     kept = {m.filename: m.artifact_id for m in get_all_artifact_meta(frozen, storage=study._storage)}
-    assert set(kept) == {"learning_curves.png", "config.json", "metrics.json"}
+    assert set(kept) == {"learning_curves.png", "metrics.json"}  # config.json: uploaded at its start
     download_artifact(
         artifact_store=store, artifact_id=kept["metrics.json"], file_path=str(tmp_path / "m.json")
     )

@@ -42,10 +42,13 @@ def test_two_workers_reach_exactly_n_with_reports_and_pruning(finished_study):
     assert now["finished"] == 5 and now["running"] == 0 and now["waiting"] == 0
     assert now["complete"] >= 1 and now["pruned"] >= 1
     for trial in study.trials:
+        # A light record (issue 24): every attr short, the whole config a config.json artifact.
+        assert max(len(json.dumps(v)) for v in trial.user_attrs.values()) <= 600, trial.user_attrs
+        assert "config" not in trial.user_attrs and len(trial.user_attrs["recipe"]) == 16
         if trial.state == optuna.trial.TrialState.PRUNED:
             assert sorted(trial.intermediate_values) == [1, 2]  # pruned at epoch 2
         elif trial.state == optuna.trial.TrialState.COMPLETE:
-            epochs = trial.user_attrs["config"]["train"]["epochs"]
+            epochs = trial.user_attrs["epochs"]
             assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
             assert {
                 "best_epoch",

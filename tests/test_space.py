@@ -230,13 +230,14 @@ def test_the_export_default_is_a_whole_number_of_trials(tmp_path, export, messag
 def test_export_best_defaults_to_the_specs_top_k_or_as_many_distinct_recipes_as_there_are(capsys):
     from hpo.export_best import default_trials
     from hpo.protocol import Attr
+    from hpo.record import Recipes
     from maskcls.config import TrainConfig
 
     config = TrainConfig().to_dict()
     lr = optuna.distributions.FloatDistribution(1e-3, 1e-2)
     study = optuna.create_study(direction="maximize")
     with pytest.raises(UserError, match="has no finished trial yet"):
-        default_trials(study, 3)
+        default_trials(study, 3, Recipes(TrainConfig(), None))
     for value, rate in [(0.3, 3e-3), (0.5, 5e-3), (0.4, 3e-3), (0.2, 2e-3)]:  # 0.4 repeats 0.3's recipe
         study.add_trial(
             optuna.trial.create_trial(
@@ -246,8 +247,12 @@ def test_export_best_defaults_to_the_specs_top_k_or_as_many_distinct_recipes_as_
                 user_attrs={Attr.CONFIG: config},
             )
         )
-    assert [t.value for t in default_trials(study, 1)] == [0.5]
-    assert [t.value for t in default_trials(study, 2)] == [0.5, 0.4]
+    assert [t.value for t in default_trials(study, 1, Recipes(TrainConfig(), None))] == [0.5]
+    assert [t.value for t in default_trials(study, 2, Recipes(TrainConfig(), None))] == [0.5, 0.4]
     assert capsys.readouterr().err == ""
-    assert [t.value for t in default_trials(study, 5)] == [0.5, 0.4, 0.2]  # three distinct recipes
+    assert [t.value for t in default_trials(study, 5, Recipes(TrainConfig(), None))] == [
+        0.5,
+        0.4,
+        0.2,
+    ]  # three distinct recipes
     assert "export.top_k is 5; study" in capsys.readouterr().err
