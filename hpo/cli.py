@@ -21,6 +21,7 @@ COMMANDS = {
     "export": ("hpo.export_best", "retrain the best trial and export a deployable model"),
     "dashboard": ("hpo.dashboard", "optuna-dashboard for a study, with its artifacts"),
     "studies": ("hpo.studies", "list the studies in a storage, show the best trial, delete a study"),
+    "proxy": ("hpo.proxy", "a storage proxy: the workers of this machine share its few database connections"),
     "train": ("maskcls.train", "train one model from a config (no search)"),
     "predict": ("maskcls.predict", "predict classes for the eval set or single images"),
     "check": ("maskcls.data.check", "check that a folder is a usable competition data set"),

@@ -129,6 +129,7 @@ class WorkerArgs:
     deadline: float | None = None  # start no trial after this UNIX time
     parent: int | None = None  # the dispatcher's pid: the worker stops when it is gone
     tensorboard: str | None = None  # write each trial's per-epoch scalars under DIR/<study>/trial-<n>
+    proxy: str | None = None  # host:port of this host's storage proxy (hpo.proxy), when it has one
     mlflow: str | None = None  # log each trial as an MLflow run at this tracking URI (in the environment)
 
     def to_argv(self) -> list[str]:

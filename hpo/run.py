@@ -19,8 +19,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from filelock import FileLock
@@ -42,6 +44,8 @@ from hpo.protocol import (
     worker_id,
 )
 from hpo.storage import (
+    POOL,
+    PROXIED_POOL,
     counts,
     masked,
     open_storage,
@@ -56,6 +60,9 @@ from maskcls import weights
 from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.errors import UserError, mask_secrets, quoted
 from maskcls.runtime import add_threads_argument, owned_cores
+
+if TYPE_CHECKING:
+    from hpo import proxy as proxies
 
 MAX_RESTARTS_PER_SLOT = 5
 # CUDA errors that broke a worker's context (hpo.failures.CudaPoisoned), from this many different
@@ -213,9 +220,10 @@ class Dispatcher:
         args: WorkerArgs,
         progress: Progress,
         rule: stopping.Rule | None = None,
+        proxy: proxies.Child | None = None,
     ):
         self.spec, self.study, self.url, self.slots, self.args = spec, study, url, slots, args
-        self.progress, self.rule = progress, rule
+        self.progress, self.rule, self.proxy = progress, rule, proxy
         self.finished_seen = -1  # the rule is evaluated when this count moves
         self.cuda_errors: dict[str, list[tuple[float, int]]] = {}  # GPU -> (when, trial lineage)
         self.log_dir = spec.runs_dir / "logs"
@@ -258,6 +266,12 @@ class Dispatcher:
             for slot in self.slots:
                 self.start(slot)
             while not all(s.done for s in self.slots):
+                if self.proxy is not None and self.proxy.proc.poll() is not None:
+                    self.stop(
+                        f"stopping: the storage proxy exited (code {self.proxy.proc.returncode}); "
+                        f"its log: {self.proxy.log}"
+                    )
+                    return Exit.FAILED
                 code = self.check_workers()
                 if code is not None:
                     return code
@@ -441,6 +455,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         f"CPU threads of each worker (default: the {owned_cores()} cores this process owns, shared "
         "equally between the workers)",
     )
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="the workers of this machine share one storage proxy (hpo.proxy) that alone holds "
+        "PostgreSQL connections (2, and 2 of this process): for many workers per machine "
+        "(docs/DISTRIBUTED.md)",
+    )
     parser.add_argument("--artifacts", help="artifact directory (default runs/<study>/artifacts)")
     parser.add_argument(
         "--no-progress",
@@ -529,10 +550,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--add must be at least 1, got {args.add}")
     slots = gpu_slots(args.gpus, args.trials_per_gpu, args.workers, args.threads)
     url = resolve_url(args.storage, spec)
+    if args.proxy and parse_url(url).get_backend_name() == "sqlite":
+        raise UserError("--proxy serves a PostgreSQL or MySQL storage; a SQLite study needs none")
     parse_url(url)  # a URL that does not parse stops here, before the photos are checked
     data = prepare_data(spec)  # a data or weights problem stops here, before the storage is even opened
     check_weights(spec)
-    storage = open_storage(url, spec.heartbeat, on_outage=outage_note)
+    pool = PROXIED_POOL if args.proxy else POOL
+    storage = open_storage(url, spec.heartbeat, on_outage=outage_note, pool=pool)
     try:
         about = note.run_part(spec.path.read_text(), data, sys.argv[1:] if argv is None else argv)
         return search(args, spec, target, slots, url, storage, about)
@@ -573,34 +597,36 @@ def search(
         finish_tracking(args.mlflow, study)
         return Exit.OK
     deadline = time.time() + args.timeout if args.timeout else None
-    worker_args = WorkerArgs(
-        str(spec.path),
-        target,
-        data=spec.base.data.root,
-        artifacts=str(artifacts),
-        deadline=deadline,
-        parent=os.getpid(),
-        tensorboard=args.tensorboard,
-        mlflow=args.mlflow,
-    )
-    progress = Progress(
-        spec, target, [s.name for s in slots], bars=not args.no_progress, status_every_s=args.status_every
-    )
-    dispatcher = Dispatcher(spec, study, url, slots, worker_args, progress, args.rule)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        code = dispatcher.run()
-    except StorageUnreachable:
-        dispatcher.stop("the storage is unreachable: stopping the workers")
-        raise
-    except KeyboardInterrupt:
-        storage.outage.limit(STOP_GRACE_S)  # stopping: an outage is waited out no longer than this
-        dispatcher.stop(
-            "interrupted: stopping the workers; running trials are marked failed and queued again"
+    with proxied(args.proxy, spec, url) as proxy:
+        worker_args = WorkerArgs(
+            str(spec.path),
+            target,
+            data=spec.base.data.root,
+            artifacts=str(artifacts),
+            deadline=deadline,
+            parent=os.getpid(),
+            tensorboard=args.tensorboard,
+            mlflow=args.mlflow,
+            proxy=proxy.address if proxy else None,
         )
-        print(summary(study, target, spec, url, artifacts, progress), file=sys.stderr)
-        print("re-run the same command to continue the study", file=sys.stderr)
-        return Exit.INTERRUPTED
+        progress = Progress(
+            spec, target, [s.name for s in slots], bars=not args.no_progress, status_every_s=args.status_every
+        )
+        dispatcher = Dispatcher(spec, study, url, slots, worker_args, progress, args.rule, proxy)
+        signal.signal(signal.SIGTERM, _terminate)
+        try:
+            code = dispatcher.run()
+        except StorageUnreachable:
+            dispatcher.stop("the storage is unreachable: stopping the workers")
+            raise
+        except KeyboardInterrupt:
+            storage.outage.limit(STOP_GRACE_S)  # stopping: an outage is waited out no longer than this
+            dispatcher.stop(
+                "interrupted: stopping the workers; running trials are marked failed and queued again"
+            )
+            print(summary(study, target, spec, url, artifacts, progress), file=sys.stderr)
+            print("re-run the same command to continue the study", file=sys.stderr)
+            return Exit.INTERRUPTED
     if code != Exit.OK and study_deleted(storage, spec.name):
         return code  # it said so; nothing is left to sum up
     sweep_checkpoints(study, checkpoints_dir(artifacts, spec.name))
@@ -608,6 +634,17 @@ def search(
     if code == Exit.OK and counts(study)["finished"] >= target:
         finish_tracking(args.mlflow, study)
     return code
+
+
+def proxied(enabled: bool, spec: specs.StudySpec, url: str) -> AbstractContextManager[proxies.Child | None]:
+    """This machine's storage proxy for the run's workers (`--proxy`), or none."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from hpo import proxy
+
+    logs = spec.runs_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return proxy.started(str(spec.path), url, logs / "proxy.log")
 
 
 def finish_tracking(mlflow: str | None, study: optuna.Study) -> None:

@@ -68,13 +68,24 @@ def parse_url(url: str) -> URL:
         ) from None
 
 
-def engine_kwargs(url: str, tuned: bool = True) -> dict:
+POOL = (2, 4)  # pool_size, max_overflow: Optuna uses one connection per process plus the heartbeat thread's
+PROXIED_POOL = (1, 1)  # hpo.run's own when its workers go through a proxy (hpo.proxy holds 2 more)
+POOL_WAIT_S = 120  # how long a request waits for a connection of a full pool (a proxy under load)
+
+
+def engine_kwargs(url: str, tuned: bool = True, pool: tuple[int, int] = POOL) -> dict:
     backend = make_url(url).get_backend_name()
     if backend == "sqlite":
         # isolation_level None: pysqlite emits no BEGIN of its own; _begin_immediate emits ours.
         return {"connect_args": {"timeout": BUSY_TIMEOUT_S, "isolation_level": None}} if tuned else {}
-    # Optuna uses one connection per process plus the heartbeat thread's.
-    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4, "pool_recycle": 1800}
+    size, overflow = pool
+    return {
+        "pool_pre_ping": True,
+        "pool_size": size,
+        "max_overflow": overflow,
+        "pool_recycle": 1800,
+        "pool_timeout": POOL_WAIT_S,
+    }
 
 
 def open_storage(
@@ -84,12 +95,15 @@ def open_storage(
     on_outage: OnOutage | None = None,
     wait: bool = False,
     existing: bool = False,
+    kind: type[ResilientStorage] = ResilientStorage,
+    pool: tuple[int, int] = POOL,
 ) -> ResilientStorage:
     """A storage that waits out outages (ResilientStorage), or UserError naming the (masked) URL
     and the reason it cannot be used. With `wait`, a server that is down now is waited for too
     (a worker restarted during an outage); otherwise that is an error at once (a wrong URL). With
     `existing`, a SQLite file that is not there is an error, not a new empty database (commands
-    that only read a study)."""
+    that only read a study). `kind` and `pool` are the storage proxy's (hpo.proxy): its class, and
+    its connections (pool size, overflow) to PostgreSQL or MySQL."""
     parsed = parse_url(url)
     database = parsed.database if parsed.get_backend_name() == "sqlite" else None
     if existing and database and database != ":memory:" and not Path(database).is_file():
@@ -109,12 +123,12 @@ def open_storage(
                         requeue, max_retry=heartbeat.max_retry
                     ),
                 }
-            kwargs = engine_kwargs(url, tuned)
+            kwargs = engine_kwargs(url, tuned, pool)
             outage = Outage(url, outage_s, on_outage)  # connecting and every operation share it
 
             def make() -> ResilientStorage:
                 immediate = bool(database) and tuned
-                return ResilientStorage(url, outage, immediate, engine_kwargs=kwargs, **options)
+                return kind(url, outage, immediate, engine_kwargs=kwargs, **options)
 
             return _while_racing(lambda: outage.call(make) if wait else make())
     except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error, StorageUnreachable) as err:

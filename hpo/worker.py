@@ -26,7 +26,7 @@ import optuna
 
 from hpo import spec as specs
 from hpo.failures import NotTheRecipe, WorkerStops
-from hpo.outage import StorageUnreachable
+from hpo.outage import ResilientStorage, StorageUnreachable
 from hpo.protocol import (
     Attr,
     Exit,
@@ -116,7 +116,7 @@ def work(spec: specs.StudySpec, args: WorkerArgs, poll_s: float = 1.0) -> int:
 
     device = pick_device(args.device)
     weights.check_names(spec.models)  # every backbone the spec can choose, before any trial
-    storage = open_storage(WorkerArgs.storage(), spec.heartbeat, on_outage=log, wait=True)
+    storage = worker_storage(spec, args)
     study = optuna.load_study(
         study_name=spec.name,
         storage=storage,
@@ -137,13 +137,23 @@ def work(spec: specs.StudySpec, args: WorkerArgs, poll_s: float = 1.0) -> int:
         print(f"error: trial {objective.number}: {err}; it is queued again", file=sys.stderr, flush=True)
         return err.exit_code
     except Exception:  # Optuna's own bookkeeping fails in odd ways once the storage or study is gone
-        if storage.outage.gave_up:
+        if isinstance(storage, ResilientStorage) and storage.outage.gave_up:
             log(f"error: storage unreachable for more than {spec.heartbeat.outage} s; stopping this worker")
             return Exit.STORAGE_LOST
         if study_deleted(storage, spec.name):
             log(f"error: study {spec.name} was deleted from the storage; stopping this worker")
             return Exit.FAILED
         raise
+
+
+def worker_storage(spec: specs.StudySpec, args: WorkerArgs) -> optuna.storages.BaseStorage:
+    """The storage itself, or this host's proxy of it (hpo.proxy), which then holds the connections,
+    waits out outages and fails stale trials for every worker of the host."""
+    if args.proxy:
+        from hpo import proxy
+
+        return proxy.connect(args.proxy, spec.heartbeat)
+    return open_storage(WorkerArgs.storage(), spec.heartbeat, on_outage=log, wait=True)
 
 
 def trials(

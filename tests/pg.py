@@ -32,6 +32,7 @@ def _as_postgres(command: list[str]) -> list[str]:
 class Server:
     folder: Path
     port: int
+    max_connections: int = 100
 
     @property
     def url(self) -> str:
@@ -42,7 +43,8 @@ class Server:
         subprocess.run(_as_postgres([*command, *args]), check=True, capture_output=True, timeout=60)
 
     def start(self) -> None:
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c max_connections=100"
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder}"
+        options += f" -c max_connections={self.max_connections}"
         self.ctl("-o", options, "start")
 
     def stop(self) -> None:
@@ -54,7 +56,7 @@ class Server:
 
 
 @contextlib.contextmanager
-def private_server() -> Iterator[Server]:
+def private_server(max_connections: int = 100) -> Iterator[Server]:
     folder = Path(tempfile.mkdtemp(prefix="hpo-pg-", dir="/tmp"))
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
@@ -63,7 +65,7 @@ def private_server() -> Iterator[Server]:
         port = sock.getsockname()[1]
     init = [_binary("initdb"), "-D", str(folder / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
     subprocess.run(_as_postgres(init), check=True, capture_output=True, timeout=120)
-    server = Server(folder, port)
+    server = Server(folder, port, max_connections)
     server.start()
     try:
         yield server
