@@ -12,6 +12,7 @@ would have.
 Per cell (workers x study size x direct or proxy) it prints:
 - storage s/trial: the median time one worker spends in storage calls for one trial (its loop's
   stale check and counts, ask, records, reports, tell; heartbeats apart), and the sampler's own;
+- load s: how long a starting worker takes to read the study into its cache, all starting at once;
 - connections: the most PostgreSQL connections open at once (pg_stat_activity);
 - trials/s: finished trials per second while every worker ran;
 - lost: trials started and neither finished nor queued again, or finished slots missing from the
@@ -56,7 +57,6 @@ from hpo.storage import counts, open_storage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from pg import private_server  # noqa: E402  (the tests' private PostgreSQL, shared with them)
 
-WORKERS_PER_PROCESS = 8  # threads of one process: more, and they queue for its interpreter lock
 CONNECTIONS_SQL = (
     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
 )
@@ -69,6 +69,7 @@ class Cell:
     size: int  # finished trials the study holds before the workers start
     new: int  # finished trials the workers add
     seconds: float  # a trial's length: long enough that the workers leave this machine's CPU idle
+    threads: int = 8  # workers per process (1: a process each, as hpo.run starts them)
 
     @property
     def name(self) -> str:
@@ -78,8 +79,8 @@ class Cell:
 @dataclass
 class Result:
     cell: Cell
-    storage_s: float  # median per trial, a worker's first trial apart
-    first_s: float  # median of the workers' first trials: a new worker reads the whole study once
+    storage_s: float  # median per trial
+    load_s: float  # median time a starting worker takes to read the study (all of them at once)
     sampler_s: float  # median per trial of the sampler's own time (its storage reads included)
     connections: int
     trials_per_s: float
@@ -179,19 +180,22 @@ def clocked(study: optuna.Study, clock: Clock) -> None:
 # --- a process of simulated workers --------------------------------------------------------------
 
 
-def worker(
-    spec: specs.StudySpec, connect: Callable[[], Any], name: str, target: int, epoch_s: float, out: list
-) -> None:
-    """hpo.worker's loop on the simulated objective; each trial's storage and sampler seconds go
-    to `out`, marked when it was the worker's first."""
-    storage = connect()
+def join(spec: specs.StudySpec, connect: Callable[[], Any], name: str) -> tuple[optuna.Study, Clock, float]:
+    """A worker starts: its storage, the study, and a first read of every trial into its cache
+    (hpo.worker's first look at the counts); returns how long that took."""
+    started = time.perf_counter()
     study = optuna.load_study(
-        study_name=name, storage=storage, sampler=spec.make_sampler(), pruner=spec.make_pruner()
+        study_name=name, storage=connect(), sampler=spec.make_sampler(), pruner=spec.make_pruner()
     )
+    counts(study)
     clock = Clock()
     clocked(study, clock)
-    objective = simulated(spec, target, epoch_s)
-    first = True  # a new worker's first trial reads the study into its cache
+    return study, clock, time.perf_counter() - started
+
+
+def work(study: optuna.Study, clock: Clock, objective: Callable, target: int, out: list) -> None:
+    """hpo.worker's loop on the simulated objective; each trial's storage and sampler seconds go
+    to `out`."""
     while True:
         clock.storage = clock.sampler = 0.0
         with quiet_experimental():
@@ -203,19 +207,20 @@ def worker(
             time.sleep(0.5)
             continue
         study.optimize(objective, n_trials=1, catch=(Exception,))
-        out.append((first, clock.storage, clock.sampler))
-        first = False
+        out.append((clock.storage, clock.sampler))
 
 
 def process(
     spec_path: str, mode: str, url: str, proxy: str | None, name: str, threads: int, target: int,
     epoch_s: float, ready, results,
 ) -> None:  # fmt: skip
+    """`threads` workers: each joins the study, then all start at once with every other process's."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = specs.load(spec_path)
     errors: list[str] = []
-    out: list[tuple[bool, float, float]] = []
-    go = threading.Event()
+    out: list[tuple[float, float]] = []
+    loads: list[float] = []
+    joined, go = threading.Barrier(threads + 1), threading.Event()
 
     def connect() -> Any:
         if mode == "proxy":
@@ -226,20 +231,29 @@ def process(
         return open_storage(url, spec.heartbeat, wait=True)
 
     def run() -> None:
+        try:
+            study, clock, load_s = join(spec, connect, name)
+            loads.append(load_s)
+        except Exception as err:  # noqa: BLE001 - the bench counts every error
+            errors.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            joined.wait()
+            return
+        joined.wait()
         go.wait()
         try:
-            worker(spec, connect, name, target, epoch_s, out)
-        except Exception as err:  # noqa: BLE001 - the bench counts every error
+            work(study, clock, simulated(spec, target, epoch_s), target, out)
+        except Exception as err:  # noqa: BLE001
             errors.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
 
     pool = [threading.Thread(target=run, name="worker") for _ in range(threads)]
     for thread in pool:
         thread.start()
-    ready.wait()  # every process imported and started its threads
+    joined.wait()  # every worker of this process has read the study
+    ready.wait()  # and every other process's
     go.set()
     for thread in pool:
         thread.join()
-    results.put((out, errors))
+    results.put((out, loads, errors))
 
 
 # --- the study: made, filled, checked ------------------------------------------------------------
@@ -397,7 +411,7 @@ def measure(cell: Cell, url: str, spec_path: str, made: list) -> Result:
         fill(url, name, made, cell.size)
     storage.engine.dispose()
     target = cell.size + cell.new
-    per_process = min(WORKERS_PER_PROCESS, cell.workers)
+    per_process = min(cell.threads, cell.workers)
     n_processes = math.ceil(cell.workers / per_process)
     hosts = max(1, cell.workers // 64)  # a host of 8 GPUs x 2 trials x ... : 64 workers
     ctx = mp.get_context("spawn")
@@ -414,10 +428,10 @@ def measure(cell: Cell, url: str, spec_path: str, made: list) -> Result:
         with watched_connections(url) as seen:
             ready.wait(timeout=600)
             start = time.perf_counter()
-            outs, errors, reported = [], [], 0
+            outs, loads, errors, reported = [], [], [], 0
             while reported < len(procs):
                 try:
-                    out, errs = results.get(timeout=5)
+                    out, load, errs = results.get(timeout=5)
                 except queue.Empty:
                     dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                     if len(dead) + reported >= len(procs):
@@ -425,19 +439,22 @@ def measure(cell: Cell, url: str, spec_path: str, made: list) -> Result:
                         break
                     continue
                 outs += out
+                loads += load
                 errors += errs
                 reported += 1
             seconds = time.perf_counter() - start
         for proc in procs:
             proc.join(timeout=60)
-    after = optuna.load_study(study_name=name, storage=open_storage(url))
+    checker = open_storage(url)
+    after = optuna.load_study(study_name=name, storage=checker)
     lost, duplicated = audit(after, cell.size, target)
-    optuna.delete_study(study_name=name, storage=after._storage)
+    optuna.delete_study(study_name=name, storage=checker)
+    checker.engine.dispose()  # its connections would count in the next cell
     return Result(
         cell,
-        storage_s=median([s for first, s, _ in outs if not first]),
-        first_s=median([s for first, s, _ in outs if first]),
-        sampler_s=median([s for first, _, s in outs if not first]),
+        storage_s=median([s for s, _ in outs]),
+        load_s=median(loads),
+        sampler_s=median([s for _, s in outs]),
         connections=max(seen),
         trials_per_s=cell.new / seconds,
         lost=lost,
@@ -446,23 +463,76 @@ def measure(cell: Cell, url: str, spec_path: str, made: list) -> Result:
     )
 
 
+# --- optuna-dashboard on a large study -----------------------------------------------------------
+
+
+def dashboard_seconds(url: str, name: str, cached: bool) -> tuple[float, float, int]:
+    """optuna-dashboard's study API over HTTP, as its browser page calls it: the first load of every
+    trial, then a poll once its trial cache has expired (10 s at this size). Its storage is ours
+    as hpo.dashboard hands it over (`cached`: wrapped in Optuna's cache) or the bare one. Returns
+    (first s, poll s, bytes of the first answer)."""
+    import urllib.request
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    import optuna_dashboard
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    storage = open_storage(url)
+    served = optuna.storages.get_storage(storage) if cached else storage
+    study_id = storage.get_study_id_from_name(name)
+    server = make_server("127.0.0.1", 0, optuna_dashboard.wsgi(served), handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}/api/studies/{study_id}"
+
+    def get(after: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        with urllib.request.urlopen(f"{base}?after={after}", timeout=600) as answer:
+            size = len(answer.read())
+        return time.perf_counter() - start, size
+
+    try:
+        first, size = get(0)
+        time.sleep(10.5)  # optuna-dashboard keeps the trials 10 s
+        poll, _ = get(storage.get_n_trials(study_id))
+    finally:
+        server.shutdown()
+        storage.engine.dispose()
+    return first, poll, size
+
+
+def dashboard_table(url: str, made: list) -> None:
+    """optuna-dashboard at 1,000 and 10,000 trials: its storage bare, and cached as hpo.dashboard
+    now hands it over."""
+    print(f"{'dashboard':>10s}{'trials':>8s}{'storage':>9s}{'first s':>9s}{'poll s':>8s}{'MB':>7s}")
+    for size in (1_000, 10_000):
+        name = f"scale-dashboard-{size}"
+        storage = open_storage(url)
+        optuna.create_study(study_name=name, storage=storage, direction="maximize")
+        storage.engine.dispose()
+        fill(url, name, made, size)
+        for cached in (False, True):
+            first, poll, answer = dashboard_seconds(url, name, cached)
+            kind = "cached" if cached else "bare"
+            print(f"{'':10s}{size:8d}{kind:>9s}{first:9.2f}{poll:8.2f}{answer / 1e6:7.1f}", flush=True)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
 def grid(quick: bool, modes: list[str], seconds: float) -> list[Cell]:
-    """Study sizes at 16 workers; worker counts at 100 trials, direct and through proxies. Trials
-    last longer where more CPU is spent per trial (this machine has 2 cores; a real worker has its
-    host's): at 10,000 trials the sampler alone takes seconds."""
+    """Study sizes with 4 workers, a process each (as hpo.run starts them), three rounds of trials:
+    at 10,000 trials TPE computes for seconds per trial, and workers sharing a process, or many
+    sharing this machine's 2 cores, would time the queue for the CPU, not the storage (a real
+    worker has its host's). Worker counts at 100 trials, one round, 8 workers per process, direct
+    and through proxies; a trial lasts a second per worker."""
     sizes = [100, 10_000] if quick else [100, 1_000, 10_000]
     workers = [64] if quick else [16, 64, 256]
-    cells = [Cell("direct", 16, size, 32, seconds * (1 + 3 * (size >= 10_000))) for size in sizes]
-    cells += [
-        Cell(mode, n, 100, 2 * n, seconds * max(1, n // 32))
-        for n in workers
-        for mode in modes
-        if (mode, n) != ("direct", 16)
-    ]
+    cells = [Cell("direct", 4, size, 12, seconds, threads=1) for size in sizes]
+    cells += [Cell(mode, n, 100, n, max(seconds, float(n))) for n in workers for mode in modes]
     return cells
 
 
@@ -487,7 +557,7 @@ def main() -> None:
     print(f"{len(made)} made trials in {time.perf_counter() - started:.0f} s; {len(cells)} cells", flush=True)
     # fill() repeats them up to a study's size
     header = (
-        f"{'mode':7s}{'workers':>8s}{'trials':>8s}{'storage s/trial':>17s}{'first':>8s}{'sampler s':>11s}"
+        f"{'mode':7s}{'workers':>8s}{'trials':>8s}{'storage s/trial':>17s}{'load s':>8s}{'sampler s':>11s}"
     )
     print(header + f"{'connections':>13s}{'trials/s':>10s}{'lost':>6s}{'dup':>5s}", flush=True)
     results = []
@@ -497,15 +567,17 @@ def main() -> None:
             results.append(result)
             c = result.cell
             print(
-                f"{c.mode:7s}{c.workers:8d}{c.size:8d}{result.storage_s:17.3f}{result.first_s:8.2f}"
+                f"{c.mode:7s}{c.workers:8d}{c.size:8d}{result.storage_s:17.3f}{result.load_s:8.2f}"
                 f"{result.sampler_s:11.3f}"
                 f"{result.connections:13d}{result.trials_per_s:10.2f}{result.lost:6d}{result.duplicated:5d}"
                 + (f"  errors: {len(result.errors)}, e.g. {result.errors[0]}" if result.errors else ""),
                 flush=True,
             )
+        if not args.quick:
+            dashboard_table(server.url, made)
     if args.json:
         args.json.write_text(json.dumps([{**r.__dict__, "cell": r.cell.__dict__} for r in results], indent=2))
-    by_size = {r.cell.size: r for r in results if r.cell.mode == "direct" and r.cell.workers == 16}
+    by_size = {r.cell.size: r for r in results if r.cell.threads == 1}
     ratio = by_size[max(by_size)].storage_s / by_size[min(by_size)].storage_s
     proxied = [r for r in results if r.cell.mode == "proxy"]
     per_host = max((r.connections / max(1, r.cell.workers // 64) for r in proxied), default=math.nan)

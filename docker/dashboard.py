@@ -41,7 +41,9 @@ def main() -> int:
     if folder:
         os.makedirs(folder, exist_ok=True)  # before the first trial makes it
         artifacts = FileSystemArtifactStore(folder)
-    optuna_dashboard.run_server(storage, host=args.host, port=args.port, artifact_store=artifacts)
+    # Behind Optuna's trial cache, as optuna-dashboard's own CLI opens a URL (hpo.dashboard.cached).
+    served = optuna.storages.get_storage(storage)
+    optuna_dashboard.run_server(served, host=args.host, port=args.port, artifact_store=artifacts)
     return 0
 
 

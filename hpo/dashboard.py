@@ -21,6 +21,13 @@ from maskcls.cli import HelpFormatter, prog, run_main
 from maskcls.errors import UserError
 
 
+def cached(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
+    """The storage behind Optuna's in-process trial cache, as optuna-dashboard's own CLI opens a URL:
+    handed a bare RDBStorage, the dashboard reads every trial again each time its 10 s cache
+    expires (at 10,000 trials, seconds per page refresh: docs/BENCHMARKS.md)."""
+    return optuna.storages.get_storage(storage)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog("hpo.dashboard"), description=__doc__.split("\n")[0], formatter_class=HelpFormatter
@@ -46,7 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         optuna_dashboard.run_server(
-            storage, host=args.host, port=args.port, artifact_store=FileSystemArtifactStore(str(artifacts))
+            cached(storage),
+            host=args.host,
+            port=args.port,
+            artifact_store=FileSystemArtifactStore(str(artifacts)),
         )
     except OSError as err:  # the address is taken or cannot be bound
         raise UserError(

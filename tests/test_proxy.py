@@ -58,6 +58,33 @@ def test_heartbeats_reach_the_table_and_a_silent_workers_trial_is_queued_again(s
     assert retry.params == failed.params and retry.user_attrs[Attr.RETRIED_FROM] == failed.number
 
 
+def test_reads_that_arrive_together_share_one_read_begun_after_them():
+    """The proxy's cache (hpo.proxy.Coalesced): 8 workers asking at once cost 2 reads of the
+    database, not 8; a worker asking after a read has begun gets a read of its own."""
+    import threading
+
+    class Backend:
+        reads = 0
+
+        def _get_trials(self, study_id, states, included_trial_ids, trial_id_greater_than):
+            Backend.reads += 1
+            time.sleep(0.3)
+            return []
+
+    cache = proxy.Coalesced(Backend())
+    first = threading.Thread(target=cache._read_trials_from_remote_storage, args=(1,))
+    first.start()
+    time.sleep(0.1)  # the first read is under way: those arriving now need a later one
+    burst = [threading.Thread(target=cache._read_trials_from_remote_storage, args=(1,)) for _ in range(7)]
+    for thread in burst:
+        thread.start()
+    for thread in [first, *burst]:
+        thread.join()
+    assert Backend.reads == 2
+    cache._read_trials_from_remote_storage(1)
+    assert Backend.reads == 3
+
+
 def test_a_proxy_refuses_sqlite_and_an_address_that_is_not_one(tmp_path, small_root, capsys):
     spec = write_spec(tmp_path, small_root)
     with pytest.raises(SystemExit) as end:
