@@ -57,8 +57,9 @@ from hpo.storage import counts, open_storage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from pg import private_server  # noqa: E402  (the tests' private PostgreSQL, shared with them)
 
-CONNECTIONS_SQL = (
+CONNECTIONS_SQL = (  # clients only: autovacuum workers show the database's name too
     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    " AND backend_type = 'client backend'"
 )
 
 
