@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hpo.failures import Surplus, TrialFailed
 from hpo.protocol import Attr, worker_id
@@ -174,8 +175,11 @@ def config_of(
         for meta in optuna.artifacts.get_all_artifact_meta(trial, storage=storage):
             if meta.filename != CONFIG_FILE:
                 continue
-            with artifacts.open_reader(meta.artifact_id) as reader:
-                config = json.loads(reader.read())
+            try:
+                with artifacts.open_reader(meta.artifact_id) as reader:
+                    config = json.loads(reader.read())
+            except ArtifactNotFound:  # another artifact folder than the run's: the spec may still do
+                continue
             if recipe_id(config) == key:
                 return TrainConfig.from_dict(config)
     from hpo import space

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import importlib.util
 import os
 import signal
 import subprocess
@@ -552,6 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = resolve_url(args.storage, spec)
     if args.proxy and parse_url(url).get_backend_name() == "sqlite":
         raise UserError("--proxy serves a PostgreSQL or MySQL storage; a SQLite study needs none")
+    if args.proxy and importlib.util.find_spec("grpc") is None:
+        raise UserError("--proxy needs the grpcio package: pip install 'mask-hpo[postgres]'")
     parse_url(url)  # a URL that does not parse stops here, before the photos are checked
     data = prepare_data(spec)  # a data or weights problem stops here, before the storage is even opened
     check_weights(spec)

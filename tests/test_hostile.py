@@ -144,6 +144,9 @@ CASES: list[Case] = [
     # storages and trackers: one line, the password masked
     ("storage-bad-port", "hpo.run", lambda w: ["--study", str(w.spec), "--storage", f"postgresql+psycopg://u:{SECRET}@h:port/db"], "does not parse"),
     ("storage-garbage", "hpo.studies", lambda w: ["list", "--storage", f"not a url {SECRET}"], "does not parse"),
+    ("proxy-storage-garbage", "hpo.proxy", lambda w: ["--study", str(w.spec), "--storage", f"not a url {SECRET}"], "does not parse"),
+    ("proxy-for-sqlite", "hpo.proxy", lambda w: ["--study", str(w.spec), "--storage", w.storage], "SQLite needs none"),
+    ("stop-terminator-one", "hpo.run", lambda w: ["--study", str(w.spec), "--stop", "terminator:1"], "--stop takes"),
     ("mlflow-mysql", "hpo.run", lambda w: ["--study", str(w.spec), "--storage", w.storage, "--mlflow", f"mysql://u:{SECRET}@127.0.0.1:1/x"], "cannot use MLflow"),
     ("mlflow-no-database", "hpo.run", lambda w: ["--study", str(w.spec), "--storage", w.storage, "--mlflow", f"postgresql://postgres:{SECRET}@127.0.0.1:5432/no_such_db"], "cannot use MLflow"),
     ("mlflow-unopenable", "hpo.run", lambda w: ["--study", str(w.spec), "--storage", w.storage, "--mlflow", f"sqlite:///{w.write('a-file', 'x')}/mlflow.db"], "cannot use MLflow"),

@@ -48,40 +48,29 @@ def assert_survived(tmp_path, spec, server, name, code, err):
     assert workers_of(spec) == {}  # no orphan
 
 
-def test_a_server_restart_and_a_10_s_stop_mid_trial_cost_nothing(server, small_root, tmp_path):
+@pytest.mark.parametrize("through", ["direct", "proxy"])
+def test_a_server_restart_and_a_10_s_stop_mid_trial_cost_nothing(server, small_root, tmp_path, through):
     """Merged: the restart (the connections drop and come back at once) and the stop (longer than
-    the grace period, so every heartbeat is stale when it is back) hit one run, in two trials."""
-    spec = long_trials(tmp_path, small_root, "outages")
-    run = hpo_run(spec, server.url, "--workers", "2", cwd=tmp_path)
-    first = wait_for_running_trial(server.url, "outages", min_epoch=1)
+    the grace period, so every heartbeat is stale when it is back) hit one run, in two trials.
+    With `--proxy` the workers talk to this host's proxy, and the proxy alone (with hpo.run itself)
+    to PostgreSQL: it waits the outages out for them."""
+    name = f"outages-{through}"
+    spec = long_trials(tmp_path, small_root, name)
+    run = hpo_run(
+        spec, server.url, "--workers", "2", *(["--proxy"] if through == "proxy" else []), cwd=tmp_path
+    )
+    first = wait_for_running_trial(server.url, name, min_epoch=1)
     server.restart()
-    later = wait_for_running_trial(server.url, "outages", min_epoch=1, other_than=first.number)
+    later = wait_for_running_trial(server.url, name, min_epoch=1, other_than=first.number)
     assert later.number > first.number
     server.stop()
     time.sleep(10)
     server.start()
     code, out, err = finish(run)
-    assert "storage unreachable, retrying" in err and "storage reachable again" in err
-    assert_survived(tmp_path, spec, server, "outages", code, err)
-
-
-def test_through_the_proxy_a_restart_and_a_10_s_stop_mid_trial_cost_nothing(server, small_root, tmp_path):
-    """The same weather with `--proxy`: the workers talk to this host's proxy, and the proxy alone
-    (with hpo.run itself) to PostgreSQL; it waits the outages out and no trial is lost or run twice."""
-    spec = long_trials(tmp_path, small_root, "proxied")
-    run = hpo_run(spec, server.url, "--workers", "2", "--proxy", cwd=tmp_path)
-    first = wait_for_running_trial(server.url, "proxied", min_epoch=1)
-    server.restart()
-    later = wait_for_running_trial(server.url, "proxied", min_epoch=1, other_than=first.number)
-    assert later.number > first.number
-    server.stop()
-    time.sleep(10)
-    server.start()
-    code, out, err = finish(run)
-    proxy_log = (tmp_path / "runs" / "proxied" / "logs" / "proxy.log").read_text()
-    assert "storage unreachable, retrying" in proxy_log and "storage reachable again" in proxy_log
-    assert_survived(tmp_path, spec, server, "proxied", code, err)
-    assert [t.number for t in load(server.url, "proxied").trials] == [0, 1, 2]  # none re-queued
+    waited = (tmp_path / "runs" / name / "logs" / "proxy.log").read_text() if through == "proxy" else err
+    assert "storage unreachable, retrying" in waited and "storage reachable again" in waited
+    assert_survived(tmp_path, spec, server, name, code, err)
+    assert [t.number for t in load(server.url, name).trials] == [0, 1, 2]  # none lost, none run twice
 
 
 def test_past_the_outage_window_the_run_stops_with_one_line_and_resumes_later(server, small_root, tmp_path):

@@ -59,6 +59,9 @@ def test_the_trial_keeps_a_key_and_its_config_is_the_artifact(tmp_path):
     with pytest.raises(UserError) as refused:
         record.config_of(trial, changed, None)
     assert "\n" not in str(refused.value) and "pass --artifacts" in str(refused.value)
+    # Another artifact folder than the run's: no config.json there, the spec still builds it.
+    elsewhere = FileSystemArtifactStore(str(tmp_path))
+    assert record.config_of(trial, here, elsewhere, storage) == here.override({"optim.lr": cfg.optim.lr})
     # An artifact that is not this recipe's (a file put there by hand) is not taken for it.
     other = TrainConfig().override({"optim.lr": 0.5})
     meta = optuna.artifacts.get_all_artifact_meta(trial, storage=storage)[0]
