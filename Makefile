@@ -17,10 +17,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup  ## the demo study end to end: stand-in data, 2 CPU workers, summary and dashboard command
 	$(BIN)/python -m hpo.run --study demo --workers 2
 
-test: lint  ## lint, type check and the whole suite (17-25 min on 2 cores), as CI runs it
+test: lint  ## lint, type check and the whole suite (about 10 min on 2 cores), as CI runs it
 	$(BIN)/python -m pytest --durations=25
 
-test-fast: setup  ## the tests that neither train, start processes nor wait (about 1 min): the edit loop
+test-fast: setup  ## the tests that neither train, start processes nor wait (under 1 min): the edit loop
 	$(BIN)/python -m pytest -m "not slow and not cuda" --durations=10
 
 test-floors:  ## the fast lane on the lowest versions pyproject.toml allows (uv --resolution lowest-direct), in .venv-floors

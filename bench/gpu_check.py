@@ -205,7 +205,9 @@ def setup(check: Check, budget: float) -> Row:
 
 def cuda_tests(check: Check, budget: float) -> Row:
     tests = str(ROOT / "tests" / "test_cuda_real.py")
+    # In one process, without pyproject's `-n 2`: pytest-xdist is not on the GPU image.
     command = [sys.executable, "-m", "pytest", tests, "-m", "cuda", "-q", "-p", "no:cacheprovider"]
+    command += ["-o", "addopts="]
     code, log = check.run("cuda", command, budget)
     summary = last_line(log)
     if code == 124:

@@ -1,11 +1,28 @@
-"""Shared stand-in data sets, generated once per test session at small image sizes."""
+"""Shared stand-in data sets, generated once per test session at small image sizes; one core for
+each pytest-xdist worker."""
 
 from __future__ import annotations
 
-import pytest
-from helpers import finish, hpo_run, write_spec
+import os
 
-from maskcls.data.synth import generate
+
+def _one_core_per_worker() -> None:
+    """pyproject.toml runs the suite in 2 pytest-xdist workers. Each keeps to a core of its own, and
+    so does every process its tests start: torch's default threads and `owned_cores()` follow the
+    affinity, so the two never share a core (torch's OpenMP threads busy-wait when they do, and a
+    training step gets 10-50x slower). Set before numpy or torch is imported."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    if worker and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+
+
+_one_core_per_worker()
+
+import pytest  # noqa: E402
+from helpers import finish, hpo_run, write_spec  # noqa: E402
+
+from maskcls.data.synth import generate  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -85,20 +102,24 @@ def finished_study(small_root, tmp_path_factory):
 
 
 SUMMARY_LINES: list[str] = []  # shown after the run, also for passing tests (CI logs)
+SUMMARY = "summary line"  # the report's user property that carries one (from an xdist worker too)
 
 
 @pytest.fixture
-def summary_line():
-    return SUMMARY_LINES.append
+def summary_line(request):
+    return lambda line: request.node.user_properties.append((SUMMARY, line))
 
 
 _FILE_SECONDS: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report):
-    """Setup, call and teardown of every test, summed per file for the summary below."""
+    """Setup, call and teardown of every test, summed per file for the summary below, and the
+    summary lines a test left."""
     path = report.nodeid.split("::")[0]
     _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+    if report.when == "teardown":
+        SUMMARY_LINES.extend(value for name, value in report.user_properties if name == SUMMARY)
 
 
 def pytest_terminal_summary(terminalreporter):

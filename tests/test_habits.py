@@ -69,9 +69,11 @@ def test_one_worker_repeats_a_seeded_study_and_its_log_has_a_line_per_trial(smal
 
 @pytest.fixture(scope="module")
 def single_run(small_root, tmp_path_factory):
-    """A one-epoch training run under `taskset -c 0` without --threads: the process owns one core."""
+    """A one-epoch training run under `taskset -c N` without --threads: the process owns one core
+    (the first this test process owns: under pytest-xdist the other core is the other worker's)."""
     tmp = tmp_path_factory.mktemp("single")
-    command = ["taskset", "-c", "0", sys.executable, "-m", "maskcls.train", "--data", str(small_root)]
+    core = str(min(os.sched_getaffinity(0)))
+    command = ["taskset", "-c", core, sys.executable, "-m", "maskcls.train", "--data", str(small_root)]
     command += ["--out", str(tmp / "run"), "--set", "model.name=mobilenetv3_small_050"]
     command += ["--set", "data.image_size=[32,24]", "--set", "train.epochs=1", "--set", "train.batch_size=16"]
     command += ["--set", f"data.cache_dir={tmp / 'cache'}"]
@@ -84,6 +86,16 @@ def test_training_uses_the_cores_it_owns_and_writes_lines_not_carriage_returns(s
     tmp, done = single_run
     assert re.search(r"on cpu, 1 CPU threads$", done.stderr, re.M), done.stderr
     assert "\r" not in done.stderr and re.search(r"^epoch 1: train loss", done.stdout + done.stderr, re.M)
+
+
+def test_each_xdist_worker_of_the_suite_keeps_to_a_core_of_its_own():
+    """tests/conftest.py pins each of pyproject's 2 pytest-xdist workers to one core, so the two (and
+    the processes their tests start) never share one; torch follows the affinity."""
+    if "PYTEST_XDIST_WORKER" not in os.environ or os.cpu_count() == 1:
+        pytest.skip("the suite runs in one process (-n 0) or on one core")
+    import torch
+
+    assert (len(os.sched_getaffinity(0)), torch.get_num_threads()) == (1, 1)
 
 
 def test_openmp_does_not_spin_unless_the_user_says_so():
