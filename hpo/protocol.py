@@ -130,6 +130,7 @@ class WorkerArgs:
     parent: int | None = None  # the dispatcher's pid: the worker stops when it is gone
     tensorboard: str | None = None  # write each trial's per-epoch scalars under DIR/<study>/trial-<n>
     proxy: str | None = None  # host:port of this host's storage proxy (hpo.proxy), when it has one
+    stop: str | None = None  # hpo.run's --stop rule: the worker starts no trial once the study meets it
     mlflow: str | None = None  # log each trial as an MLflow run at this tracking URI (in the environment)
 
     def to_argv(self) -> list[str]:

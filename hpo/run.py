@@ -611,6 +611,7 @@ def search(
             tensorboard=args.tensorboard,
             mlflow=args.mlflow,
             proxy=proxy.address if proxy else None,
+            stop=args.stop,
         )
         progress = Progress(
             spec, target, [s.name for s in slots], bars=not args.no_progress, status_every_s=args.status_every

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import optuna
 
 from hpo import spec as specs
+from hpo import stopping
 from hpo.failures import NotTheRecipe, WorkerStops
 from hpo.outage import ResilientStorage, StorageUnreachable
 from hpo.protocol import (
@@ -128,7 +129,7 @@ def work(spec: specs.StudySpec, args: WorkerArgs, poll_s: float = 1.0) -> int:
     targets = Targets(args.tensorboard, args.mlflow)
     objective = Watched(make_objective(spec, device, args.target, store, checkpoints, targets))
     try:
-        return trials(study, objective, args, device, poll_s)
+        return trials(study, objective, args, device, stopping.parse(args.stop, spec.multi), poll_s)
     except (KeyboardInterrupt, WorkerStops) as err:
         with contextlib.suppress(StorageUnreachable):  # then the heartbeat re-queues it later
             requeue_own(study, objective.number, spec.heartbeat.max_retry)
@@ -157,7 +158,12 @@ def worker_storage(spec: specs.StudySpec, args: WorkerArgs) -> optuna.storages.B
 
 
 def trials(
-    study: optuna.Study, objective: Watched, args: WorkerArgs, device: torch.device, poll_s: float
+    study: optuna.Study,
+    objective: Watched,
+    args: WorkerArgs,
+    device: torch.device,
+    rule: stopping.Rule | None,
+    poll_s: float,
 ) -> int:
     from maskcls.memory import release
 
@@ -181,6 +187,9 @@ def trials(
         if now["finished"] + now["running"] >= args.target:  # the last trials are running elsewhere
             time.sleep(poll_s)
             continue
+        if rule is not None and (reason := rule.reason(study)) is not None:
+            log(f"starting no trial: {reason}")  # the dispatcher, polling, stops the others
+            return Exit.OK
         # Every failure kind ends its trial only, a bug (any other Exception) too, its traceback in
         # this log; but one that every later trial here would share ends the worker as well.
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[note])

@@ -134,5 +134,5 @@ def test_an_interrupt_python_swallowed_still_stops_the_worker_before_its_next_tr
     objective = worker.Watched(lambda trial: ran.append(trial.number) or 0.0)
     args = SimpleNamespace(target=5, deadline=None)
     with pytest.raises(KeyboardInterrupt):
-        worker.trials(optuna.create_study(), objective, args, torch.device("cpu"), poll_s=0.01)
+        worker.trials(optuna.create_study(), objective, args, torch.device("cpu"), None, poll_s=0.01)
     assert ran == []

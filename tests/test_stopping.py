@@ -140,10 +140,11 @@ def test_a_plateau_stops_the_run_a_second_run_starts_no_trial_and_add_runs_one_m
     assert code == 0, err
     study = optuna.load_study(study_name="t", storage=storage_at(storage))
     finished = [t for t in study.trials if t.state in (COMPLETE, PRUNED)]
-    # The trial running when the rule fired is interrupted and queued again, or, when its
-    # interrupt lands where Python swallows it, ends first (tests/test_failures.py): no other starts.
-    assert [(t.number, t.state) for t in finished][:2] == [(0, COMPLETE), (1, PRUNED)] and len(finished) <= 3
-    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    # The worker weighs the rule before each trial: none starts after trial 1, however late the
+    # dispatcher's poll (on a loaded machine it came 2 trials late when only the dispatcher weighed it).
+    assert [(t.number, t.state) for t in study.trials] == [(0, COMPLETE), (1, PRUNED)]
+    worker_log = (tmp_path / "runs" / "t" / "logs" / "cpu0.log").read_text()
+    assert "starting no trial: plateau: the best value" in worker_log
     line = "stopping: plateau: the best value"
     assert sum(line in x for x in err.splitlines()) == 1, err
     assert f"study t: {len(finished)}/8 finished" in out
@@ -175,7 +176,7 @@ def test_the_terminator_stops_a_search_with_no_room_left_and_a_rerun_starts_noth
     assert code == 0, err
     study = optuna.load_study(study_name="t", storage=storage_at(storage))
     complete = [t for t in study.trials if t.state == COMPLETE]
-    assert 2 <= len(complete) <= 3, err  # the one running when the rule fired may end first
+    assert [(t.number, t.state) for t in study.trials] == [(0, COMPLETE), (1, COMPLETE)], err
     assert all(len(t.user_attrs[Attr.VAL_PERSON_FOLDS]) == 5 for t in complete)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     lines = [x for x in err.splitlines() if "stopping: terminator: the regret bound" in x]
