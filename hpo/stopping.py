@@ -12,9 +12,10 @@
 Every worker evaluates the rule before it starts a trial, and every dispatcher when the count of
 finished trials moves (then it stops its running trials): all machines of a shared study weigh the
 same trials, so all of them stop, and none starts a trial once the study meets the rule, however
-late a dispatcher's poll. A run started again on such a study stops before starting a trial. Optuna deprecated
-`optuna.terminator` in 4.9 and removes it in 6.0: with Optuna 6 the terminator rule is refused
-in one line (plateau stays), and its FutureWarning is not shown.
+late a dispatcher's poll. A run started again on such a study stops before starting a trial.
+
+Optuna deprecated `optuna.terminator` in 4.9 and removes it in 6.0: with Optuna 6 the terminator
+rule is refused in one line (plateau stays), and its FutureWarning is not shown.
 """
 
 from __future__ import annotations

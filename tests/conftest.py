@@ -9,8 +9,8 @@ import os
 def _one_core_per_worker() -> None:
     """pyproject.toml runs the suite in 2 pytest-xdist workers. Each keeps to a core of its own, and
     so does every process its tests start: torch's default threads and `owned_cores()` follow the
-    affinity, so the two never share a core (torch's OpenMP threads busy-wait when they do, and a
-    training step gets 10-50x slower). Set before numpy or torch is imported."""
+    affinity, so the two never compete for a core, and a test times what a process on one core does
+    whatever the other worker runs. Set before numpy or torch is imported."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
     if worker and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
